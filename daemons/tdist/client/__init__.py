@@ -1,0 +1,196 @@
+"""The caller API: connect to a namespace and call operators by name and version.
+
+    async with Client(NatsConfig(servers=("nats://127.0.0.1:4222",)), namespace="demo") as client:
+        echo = client.operator("echo", version=1)
+        result = await echo.infer({"input": np.arange(4)}, timeout=5)
+        async for response in echo.stream({"input": x}):   # partial responses, then the final one
+            ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from nats.aio.client import Client as NatsClient
+
+from tdist.config import NatsConfig, RequestPlaneConfig
+from tdist.errors import DeadlineExceeded
+from tdist.registry import Registry, WorkerInfo
+from tdist.request_plane.caller import Caller, ResponseStream
+from tdist.request_plane.connection import connect
+from tdist.request_plane.protocol import ResponseMessage
+
+__all__ = ["Client", "RemoteOperator", "Response", "ResponseStream"]
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A response as operators' callers see it."""
+
+    request_id: str
+    outputs: Mapping[str, np.ndarray]
+    parameters: Mapping[str, Any]
+    worker_id: str
+    final: bool
+    attempt: int
+
+    @classmethod
+    def from_message(cls, msg: ResponseMessage) -> Response:
+        return cls(msg.request_id, msg.outputs, msg.parameters, msg.worker_id, msg.final, msg.attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class CallLink:
+    """What a child request inherits from the request its operator is serving."""
+
+    trace_id: str
+    parent_id: str
+    deadline: float
+
+
+class RemoteOperator:
+    """A handle on an operator: each call goes to exactly one worker (or ``target_worker``)."""
+
+    def __init__(
+        self,
+        caller: Caller,
+        name: str,
+        version: int = 1,
+        *,
+        target_worker: str | None = None,
+        link: CallLink | None = None,
+    ) -> None:
+        self._caller = caller
+        self.name = name
+        self.version = version
+        self.target_worker = target_worker
+        self._link = link
+
+    def to_worker(self, worker_id: str) -> RemoteOperator:
+        """The same operator, but every request goes to one named worker (sticky sessions)."""
+        return RemoteOperator(self._caller, self.name, self.version, target_worker=worker_id, link=self._link)
+
+    async def call(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        parameters: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        wait_for_operator: bool = False,
+    ) -> ResponseStream:
+        """Send one request; returns its response stream (see ``ResponseStream``)."""
+        trace_id = parent_id = None
+        if self._link is not None:
+            trace_id, parent_id = self._link.trace_id, self._link.parent_id
+            deadline = self._link.deadline if deadline is None else min(deadline, self._link.deadline)
+        return await self._caller.submit(
+            self.name,
+            self.version,
+            inputs,
+            parameters=parameters,
+            deadline=deadline,
+            timeout=timeout,
+            target_worker=self.target_worker,
+            trace_id=trace_id,
+            parent_id=parent_id,
+            wait_for_operator=wait_for_operator,
+        )
+
+    async def stream(self, inputs: Mapping[str, Any], **kwargs: Any) -> AsyncIterator[Response]:
+        responses = await self.call(inputs, **kwargs)
+        async for msg in responses:
+            yield Response.from_message(msg)
+
+    async def infer(self, inputs: Mapping[str, Any], **kwargs: Any) -> Response:
+        """Send one request and return its final response."""
+        responses = await self.call(inputs, **kwargs)
+        return Response.from_message(await responses.final())
+
+
+class Client:
+    """A connection to one namespace of a tdist cluster."""
+
+    def __init__(
+        self,
+        nats: NatsConfig | None = None,
+        *,
+        namespace: str | None = None,
+        request_plane: RequestPlaneConfig | None = None,
+        name: str = "tdist-client",
+    ) -> None:
+        rp = request_plane or RequestPlaneConfig()
+        if namespace is not None and namespace != rp.namespace:
+            rp = RequestPlaneConfig(**{**rp.__dict__, "namespace": namespace})
+        self.nats_config = nats or NatsConfig()
+        self.request_plane = rp
+        self._name = name
+        self._nc: NatsClient | None = None
+        self._caller: Caller | None = None
+        self._registry: Registry | None = None
+
+    @classmethod
+    def from_connection(cls, nc: NatsClient, caller: Caller, registry: Registry | None = None) -> Client:
+        """Share a worker's connection (used for operators calling operators)."""
+        client = cls(request_plane=caller.rp)
+        client._nc, client._caller, client._registry = nc, caller, registry
+        return client
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self._nc = await connect(self.nats_config, name=self._name)
+        self._caller = await Caller(self._nc, self.request_plane).start()
+
+    async def close(self) -> None:
+        if self._caller is not None:
+            await self._caller.close()
+        if self._nc is not None:
+            await self._nc.drain()
+        self._nc = self._caller = self._registry = None
+
+    @property
+    def caller(self) -> Caller:
+        if self._caller is None:
+            raise RuntimeError("Client is not connected: use 'async with Client(...)' or 'await client.connect()'")
+        return self._caller
+
+    def operator(self, name: str, version: int = 1, *, target_worker: str | None = None) -> RemoteOperator:
+        return RemoteOperator(self.caller, name, version, target_worker=target_worker)
+
+    async def registry(self) -> Registry:
+        if self._registry is None:
+            assert self._nc is not None
+            self._registry = await Registry.open(self._nc.jetstream(), self.request_plane.namespace)
+        return self._registry
+
+    async def workers(self) -> dict[str, WorkerInfo]:
+        """The live workers of this namespace, by id."""
+        return await (await self.registry()).list_workers()
+
+    async def wait_for_workers(self, operator: str, count: int = 1, timeout: float = 30.0) -> list[WorkerInfo]:
+        """Wait until ``count`` live workers host ``operator``."""
+        registry = await self.registry()
+
+        def serving(workers: dict[str, WorkerInfo]) -> list[WorkerInfo]:
+            return [w for w in workers.values() if w.hosts(operator) and w.state == "serving"]
+
+        async with registry.watch() as watch:
+            try:
+                await watch.wait_for(lambda ws: len(serving(ws)) >= count, timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"{len(serving(watch.workers))} of {count} workers for {operator} came up in {timeout} s",
+                    operator=operator,
+                    count=count,
+                ) from None
+            return serving(watch.workers)

@@ -1,0 +1,308 @@
+"""Configuration: parsed once from TOML into frozen dataclasses, validated at load.
+
+Every error is a ``ConfigError`` naming the file, the dotted key and the reason.
+A worker file holds ``[nats]``, ``[request_plane]``, ``[logging]`` and either one
+``[worker]`` table or an agent-style ``[[workers]]`` array (pick one by name).
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tdist.errors import ConfigError
+from tdist.request_plane.subjects import check_name
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    connect_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ConfigError("at least one server URL is needed", key="nats.servers")
+        for url in self.servers:
+            if "://" not in url:
+                raise ConfigError(f"server URL {url!r} needs a scheme (nats://, tls://)", key="nats.servers")
+        if (self.user is None) != (self.password is None):
+            raise ConfigError("user and password go together", key="nats.user")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("tls_cert_file and tls_key_file go together", key="nats.tls_cert_file")
+
+
+@dataclass(frozen=True)
+class RequestPlaneConfig:
+    namespace: str = "default"
+    ack_wait: float = 30.0
+    """Seconds a delivered request may go without an ack or progress before redelivery."""
+    max_deliver: int = 3
+    storage: Literal["file", "memory"] = "file"
+    replicas: int = 1
+    max_age: float = 3600.0
+    max_msgs: int = 1_000_000
+    max_bytes: int = 1 << 30
+    default_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        check_name("request_plane.namespace", self.namespace)
+        if self.ack_wait < 0.5:
+            raise ConfigError("must be at least 0.5 seconds", key="request_plane.ack_wait")
+        if self.max_deliver < 1:
+            raise ConfigError("must be at least 1", key="request_plane.max_deliver")
+        if self.storage not in ("file", "memory"):
+            raise ConfigError("must be 'file' or 'memory'", key="request_plane.storage")
+        for key in ("replicas", "max_msgs", "max_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError("must be at least 1", key=f"request_plane.{key}")
+        for key in ("max_age", "default_timeout"):
+            if getattr(self, key) <= 0:
+                raise ConfigError("must be positive", key=f"request_plane.{key}")
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    name: str
+    implementation: str
+    """``module:Class`` or ``path/to/file.py:Class``."""
+    version: int = 1
+    max_inflight: int = 1
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_name("operator name", self.name)
+        if not isinstance(self.implementation, str) or ":" not in self.implementation:
+            raise ConfigError(
+                f"implementation {self.implementation!r} must be 'module:Class' or 'path/file.py:Class'",
+                key="implementation",
+            )
+        if self.version < 1:
+            raise ConfigError("version must be at least 1", key="version")
+        if self.max_inflight < 1:
+            raise ConfigError("max_inflight must be at least 1", key="max_inflight")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    name: str
+    operators: tuple[OperatorConfig, ...]
+    node: str = field(default_factory=socket.gethostname)
+    registry_ttl: float = 5.0
+    drain_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        check_name("worker name", self.name)
+        if not self.operators:
+            raise ConfigError("a worker needs at least one operator", key="operators")
+        seen: set[tuple[str, int]] = set()
+        for op in self.operators:
+            if (op.name, op.version) in seen:
+                raise ConfigError(f"operator {op.name} v{op.version} is listed twice", key="operators")
+            seen.add((op.name, op.version))
+        if self.registry_ttl < 1.0:
+            raise ConfigError("must be at least 1 second", key="registry_ttl")
+        if self.drain_timeout < 0:
+            raise ConfigError("must not be negative", key="drain_timeout")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    file: str | None = None
+    """Write JSON lines here instead of standard error."""
+
+    def __post_init__(self) -> None:
+        if self.level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ConfigError(f"unknown level {self.level!r}", key="logging.level")
+
+
+@dataclass(frozen=True)
+class WorkerFile:
+    """Everything ``tdist-worker`` reads from one TOML file."""
+
+    nats: NatsConfig
+    request_plane: RequestPlaneConfig
+    logging: LoggingConfig
+    worker: WorkerConfig
+
+
+class _Table:
+    """Reads typed keys from one TOML table and rejects the ones nobody read."""
+
+    def __init__(self, data: Any, file: str, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError("must be a table", file=file, key=path)
+        self.data = dict(data)
+        self.file = file
+        self.path = path
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, types: type | tuple[type, ...], default: Any = None) -> Any:
+        if name not in self.data:
+            return default
+        value = self.data.pop(name)
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise ConfigError(f"must be {_type_names(types)}, not a boolean", file=self.file, key=self.key(name))
+        if not isinstance(value, types):
+            raise ConfigError(
+                f"must be {_type_names(types)}, not {type(value).__name__}", file=self.file, key=self.key(name)
+            )
+        return value
+
+    def table(self, name: str) -> _Table:
+        return _Table(self.data.pop(name, {}), self.file, self.key(name))
+
+    def done(self) -> None:
+        if self.data:
+            unknown = sorted(self.data)
+            raise ConfigError(
+                f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}",
+                file=self.file,
+                key=self.key(unknown[0]),
+            )
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "a table"}
+    seq = types if isinstance(types, tuple) else (types,)
+    return " or ".join(names.get(t, t.__name__) for t in seq)
+
+
+def _build(cls: type, table: _Table, **values: Any) -> Any:
+    """Construct a config dataclass, re-raising its validation error with the file."""
+    table.done()
+    try:
+        return cls(**{k: v for k, v in values.items() if v is not None})
+    except ConfigError as exc:
+        key = exc.key or ""
+        full = key if key.startswith(table.path) or not table.path else f"{table.path}.{key.split('.')[-1]}"
+        raise ConfigError(exc.message.split(": ", 1)[-1], file=table.file, key=full) from None
+
+
+def parse_nats(t: _Table) -> NatsConfig:
+    servers = t.get("servers", (list, str))
+    if isinstance(servers, str):
+        servers = [servers]
+    if servers is not None and not all(isinstance(s, str) for s in servers):
+        raise ConfigError("must be a list of URLs", file=t.file, key=t.key("servers"))
+    return _build(
+        NatsConfig,
+        t,
+        servers=tuple(servers) if servers is not None else None,
+        user=t.get("user", str),
+        password=t.get("password", str),
+        token=t.get("token", str),
+        creds_file=t.get("creds_file", str),
+        tls_ca_file=t.get("tls_ca_file", str),
+        tls_cert_file=t.get("tls_cert_file", str),
+        tls_key_file=t.get("tls_key_file", str),
+        connect_timeout=_num(t.get("connect_timeout", (int, float))),
+    )
+
+
+def parse_request_plane(t: _Table) -> RequestPlaneConfig:
+    return _build(
+        RequestPlaneConfig,
+        t,
+        namespace=t.get("namespace", str),
+        ack_wait=_num(t.get("ack_wait", (int, float))),
+        max_deliver=t.get("max_deliver", int),
+        storage=t.get("storage", str),
+        replicas=t.get("replicas", int),
+        max_age=_num(t.get("max_age", (int, float))),
+        max_msgs=t.get("max_msgs", int),
+        max_bytes=t.get("max_bytes", int),
+        default_timeout=_num(t.get("default_timeout", (int, float))),
+    )
+
+
+def parse_logging(t: _Table) -> LoggingConfig:
+    return _build(LoggingConfig, t, level=t.get("level", str), file=t.get("file", str))
+
+
+def parse_operator(t: _Table) -> OperatorConfig:
+    return _build(
+        OperatorConfig,
+        t,
+        name=t.get("name", str, ""),
+        implementation=t.get("implementation", str, ""),
+        version=t.get("version", int),
+        max_inflight=t.get("max_inflight", int),
+        parameters=t.get("parameters", dict),
+    )
+
+
+def parse_worker(t: _Table, node: str | None = None) -> WorkerConfig:
+    ops_raw = t.get("operators", list, [])
+    operators = tuple(parse_operator(_Table(op, t.file, f"{t.key('operators')}[{i}]")) for i, op in enumerate(ops_raw))
+    return _build(
+        WorkerConfig,
+        t,
+        name=t.get("name", str, ""),
+        operators=operators,
+        node=t.get("node", str, node),
+        registry_ttl=_num(t.get("registry_ttl", (int, float))),
+        drain_timeout=_num(t.get("drain_timeout", (int, float))),
+    )
+
+
+def _num(value: int | float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    file = str(path)
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=file) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=file) from None
+
+
+def load_worker_file(path: str | Path, worker_name: str | None = None) -> WorkerFile:
+    """Load a worker's settings; with ``[[workers]]`` pick the one named ``worker_name``."""
+    file = str(path)
+    root = _Table(read_toml(path), file, "")
+    nats = parse_nats(root.table("nats"))
+    rp = parse_request_plane(root.table("request_plane"))
+    logging = parse_logging(root.table("logging"))
+    node_t = root.table("node")
+    node_name = node_t.get("name", str)
+    node_t.data.clear()  # the agent owns the rest of [node]
+    if "worker" in root.data:
+        worker = parse_worker(root.table("worker"), node_name)
+    elif "workers" in root.data:
+        entries = root.get("workers", list)
+        names = [e.get("name") if isinstance(e, dict) else None for e in entries]
+        if worker_name is None:
+            if len(entries) != 1:
+                raise ConfigError(f"name one of the workers {names} with --worker", file=file, key="workers")
+            index = 0
+        elif worker_name in names:
+            index = names.index(worker_name)
+        else:
+            raise ConfigError(f"no worker named {worker_name!r}; the file has {names}", file=file, key="workers")
+        entry = dict(entries[index])
+        for agent_key in ("count", "gpus_per_instance"):
+            entry.pop(agent_key, None)
+        worker = parse_worker(_Table(entry, file, f"workers[{index}]"), node_name)
+    else:
+        raise ConfigError("needs a [worker] table or a [[workers]] array", file=file, key="worker")
+    for agent_table in ("agent", "supervisor", "http", "gpus", "directories"):
+        root.data.pop(agent_table, None)
+    root.done()
+    return WorkerFile(nats=nats, request_plane=rp, logging=logging, worker=worker)

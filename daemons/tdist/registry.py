@@ -1,0 +1,223 @@
+"""Discovery in NATS KV: who is alive, where, serving what, how loaded.
+
+Each worker writes its entry with a per-message TTL on every heartbeat, so a
+killed worker's entry expires one TTL after its last heartbeat. The bucket has
+limit markers (nats-server 2.11+), so watchers are told of expiries, not just of
+deletes. A graceful exit deletes the entry at once.
+
+A ``RegistryWatch`` keeps a live map of entries. After a reconnect it rebuilds
+the map from a fresh snapshot, so nothing missed while disconnected lingers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from types import TracebackType
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BadRequestError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from tdist.errors import RegistryError
+from tdist.logs import get_logger
+from tdist.request_plane import subjects
+
+log = get_logger("tdist.registry")
+
+LIMIT_MARKER_TTL = 30.0
+
+
+@dataclass(frozen=True)
+class OperatorInfo:
+    name: str
+    version: int
+    max_inflight: int
+    inflight: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker's registry entry: what a client or peer needs to know."""
+
+    id: str
+    name: str
+    node: str
+    pid: int
+    state: str
+    operators: tuple[OperatorInfo, ...]
+    started_at: float
+    heartbeat_at: float = 0.0
+    ttl: float = 5.0
+    data_plane: str | None = None
+    gpus: tuple[str, ...] = ()
+    served: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def load(self) -> float:
+        """In-flight requests over capacity, across operators (0 idle, 1 full)."""
+        capacity = sum(op.max_inflight for op in self.operators)
+        return sum(op.inflight for op in self.operators) / capacity if capacity else 0.0
+
+    def hosts(self, operator: str, version: int | None = None) -> bool:
+        return any(op.name == operator and (version is None or op.version == version) for op in self.operators)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> WorkerInfo:
+        raw: dict[str, Any] = json.loads(data)
+        raw["operators"] = tuple(OperatorInfo(**op) for op in raw.get("operators", ()))
+        raw["gpus"] = tuple(raw.get("gpus", ()))
+        return cls(**raw)
+
+
+class Registry:
+    """The workers bucket of one namespace."""
+
+    def __init__(self, js: JetStreamContext, kv: KeyValue, namespace: str) -> None:
+        self.js = js
+        self.kv = kv
+        self.namespace = namespace
+        self._prefix = f"$KV.{subjects.workers_bucket(namespace)}."
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, namespace: str) -> Registry:
+        bucket = subjects.workers_bucket(namespace)
+        cfg = KeyValueConfig(bucket=bucket, history=1, limit_marker_ttl=LIMIT_MARKER_TTL)
+        try:
+            kv = await js.create_key_value(cfg)
+        except BadRequestError:
+            kv = await js.key_value(bucket)  # exists with another config: use it as it is
+        except Exception as exc:
+            raise RegistryError(f"cannot open registry bucket {bucket}: {exc}", bucket=bucket) from exc
+        return cls(js, kv, namespace)
+
+    async def put(self, info: WorkerInfo) -> None:
+        """Write (or refresh) an entry; it expires ``info.ttl`` seconds after this call."""
+        await self.js.publish(self._prefix + info.id, info.to_json(), msg_ttl=max(1, round(info.ttl)))
+
+    async def delete(self, worker_id: str) -> None:
+        await self.kv.delete(worker_id)
+
+    async def list_workers(self) -> dict[str, WorkerInfo]:
+        async with self.watch() as watch:
+            return dict(watch.workers)
+
+    def watch(self) -> RegistryWatch:
+        return RegistryWatch(self)
+
+
+class RegistryWatch:
+    """A live view of the registry: ``workers`` is current once entered.
+
+    ``changed(timeout)`` waits for the next change. ``resync()`` rebuilds the
+    view from a fresh snapshot (called by the owner after a reconnect).
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self.workers: dict[str, WorkerInfo] = {}
+        self._watcher: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._generation = 0
+
+    async def __aenter__(self) -> RegistryWatch:
+        await self.resync()
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def resync(self) -> None:
+        """Start a fresh watcher; replace the view once its snapshot is complete."""
+        await self._stop_watcher()
+        self._generation += 1
+        watcher = await self._registry.kv.watchall()
+        snapshot: dict[str, WorkerInfo] = {}
+        while True:
+            entry = await watcher.updates(timeout=10.0)
+            if entry is None:
+                break
+            self._apply(snapshot, entry)
+        self._watcher = watcher
+        self.workers = snapshot
+        self._signal()
+        self._task = asyncio.get_running_loop().create_task(self._follow(watcher))
+
+    async def _follow(self, watcher: Any) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                self._apply(self.workers, entry)
+                self._signal()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("registry_watch_failed", error=str(exc))
+
+    @staticmethod
+    def _apply(view: dict[str, WorkerInfo], entry: Any) -> None:
+        if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
+            view.pop(entry.key, None)
+            return
+        try:
+            view[entry.key] = WorkerInfo.from_json(entry.value)
+        except (ValueError, TypeError) as exc:
+            log.warning("bad_registry_entry", key=entry.key, error=str(exc))
+
+    def _signal(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    async def changed(self, timeout: float | None = None) -> bool:
+        """Wait for the next change; False on timeout."""
+        return await self._wait(self._changed, timeout)
+
+    @staticmethod
+    async def _wait(event: asyncio.Event, timeout: float | None) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def wait_for(self, predicate: Callable[[dict[str, WorkerInfo]], bool], timeout: float) -> dict[str, WorkerInfo]:
+        """Wait until ``predicate(workers)`` holds; raises TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self._changed  # taken before the check, so no change slips between
+            if predicate(self.workers):
+                return self.workers
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("registry condition not met in time")
+            await self._wait(event, remaining)
+
+    async def _stop_watcher(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            try:
+                await watcher.stop()
+            except Exception:
+                pass
+
+    async def close(self) -> None:
+        await self._stop_watcher()

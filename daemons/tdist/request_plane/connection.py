@@ -1,0 +1,71 @@
+"""Opening a NATS connection from a ``NatsConfig`` (auth, TLS, reconnect hooks)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+
+import nats
+from nats.aio.client import Client as NatsClient
+
+from tdist.config import NatsConfig
+from tdist.errors import RequestPlaneUnavailable
+from tdist.logs import get_logger
+
+log = get_logger("tdist.nats")
+
+
+def tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
+    if not (cfg.tls_ca_file or cfg.tls_cert_file or any(s.startswith("tls://") for s in cfg.servers)):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.tls_ca_file)
+    if cfg.tls_cert_file and cfg.tls_key_file:
+        ctx.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file)
+    return ctx
+
+
+async def connect(
+    cfg: NatsConfig,
+    *,
+    name: str,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+) -> NatsClient:
+    """Connect, retrying forever after the first success; fail fast if the first try fails."""
+
+    async def error_cb(exc: Exception) -> None:
+        log.warning("nats_error", error=str(exc), connection=name)
+
+    async def disconnected_cb() -> None:
+        log.warning("nats_disconnected", connection=name)
+
+    async def reconnected_cb() -> None:
+        log.info("nats_reconnected", connection=name)
+        if on_reconnect is not None:
+            await on_reconnect()
+
+    kwargs: dict[str, object] = {}
+    if cfg.user is not None:
+        kwargs.update(user=cfg.user, password=cfg.password)
+    if cfg.token is not None:
+        kwargs["token"] = cfg.token
+    if cfg.creds_file is not None:
+        kwargs["user_credentials"] = cfg.creds_file
+    tls = tls_context(cfg)
+    if tls is not None:
+        kwargs["tls"] = tls
+    try:
+        return await nats.connect(
+            servers=list(cfg.servers),
+            name=name,
+            connect_timeout=int(max(1, cfg.connect_timeout)),
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            allow_reconnect=True,
+            error_cb=error_cb,
+            disconnected_cb=disconnected_cb,
+            reconnected_cb=reconnected_cb,
+            pending_size=64 << 20,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    except Exception as exc:  # nats raises several unrelated types here
+        raise RequestPlaneUnavailable(f"cannot connect to NATS: {exc}", servers=list(cfg.servers)) from exc

@@ -1,0 +1,229 @@
+"""The request-plane wire format: pure encode/decode, no I/O.
+
+Every message is one frame::
+
+    b"TD" | version:u8 | kind:u8 | reply_len:u16 | reply | header_len:u32 | header | tensor bytes
+
+All integers are little-endian. ``reply`` is the caller's inbox subject (empty
+in responses); it comes before the JSON header so that a worker can still send
+an error response when the header is malformed. ``header`` is UTF-8 JSON; its
+``tensors`` list gives ``[name, dtype, shape, nbytes]`` for each tensor, whose
+bytes follow in that order.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from tdist import tensors
+from tdist.errors import InvalidRequest, TdistError, error_from_code
+
+MAGIC = b"TD"
+VERSION = 1
+KIND_REQUEST = ord("Q")
+KIND_RESPONSE = ord("R")
+_PREFIX = struct.Struct("<2sBBH")
+_HEADER_LEN = struct.Struct("<I")
+
+ResponseKind = Literal["partial", "final", "error"]
+RESPONSE_KINDS: tuple[str, ...] = ("partial", "final", "error")
+
+
+@dataclass(slots=True)
+class RequestMessage:
+    id: str
+    trace_id: str
+    operator: str
+    version: int
+    deadline: float
+    """Absolute deadline, seconds since the Unix epoch."""
+    reply_to: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    parent_id: str | None = None
+
+
+@dataclass(slots=True)
+class ErrorInfo:
+    code: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        if isinstance(exc, TdistError):
+            return cls(exc.code, exc.message, _jsonable(exc.details))
+        return cls("OPERATOR_ERROR", f"{type(exc).__name__}: {exc}", {"type": type(exc).__name__})
+
+    def to_exception(self) -> TdistError:
+        return error_from_code(self.code, self.message, self.details)
+
+
+@dataclass(slots=True)
+class ResponseMessage:
+    request_id: str
+    kind: ResponseKind
+    worker_id: str = ""
+    attempt: int = 1
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    error: ErrorInfo | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.kind != "partial"
+
+
+def _jsonable(details: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else repr(v)) for k, v in details.items()}
+
+
+def _frame(kind: int, reply: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    metas: list[list[Any]] = []
+    bodies: list[bytes | memoryview] = []
+    for name, value in arrays.items():
+        arr = tensors.as_array(value)
+        dtype = tensors.triton_dtype(arr)
+        data = tensors.to_bytes(arr, dtype)
+        metas.append([name, dtype, list(arr.shape), len(data)])
+        bodies.append(data)
+    header["tensors"] = metas
+    reply_b = reply.encode()
+    header_b = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join(
+        [_PREFIX.pack(MAGIC, VERSION, kind, len(reply_b)), reply_b, _HEADER_LEN.pack(len(header_b)), header_b, *bodies]
+    )
+
+
+def _unframe(data: bytes, want_kind: int) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+    reply = peek_reply(data)
+    if reply is None:
+        raise InvalidRequest("not a tdist message (bad magic, version or truncated prefix)")
+    offset = _PREFIX.size + len(reply.encode())
+    kind = data[3]
+    if kind != want_kind:
+        raise InvalidRequest(f"expected message kind {chr(want_kind)!r}, got {chr(kind)!r}", reply_to=reply)
+    if offset + _HEADER_LEN.size > len(data):
+        raise InvalidRequest("message is truncated before its header", reply_to=reply)
+    (header_len,) = _HEADER_LEN.unpack_from(data, offset)
+    offset += _HEADER_LEN.size
+    if offset + header_len > len(data):
+        raise InvalidRequest("message is truncated inside its header", reply_to=reply)
+    try:
+        header = json.loads(bytes(data[offset : offset + header_len]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequest(f"message header is not valid JSON: {exc}", reply_to=reply) from None
+    if not isinstance(header, dict):
+        raise InvalidRequest("message header is not a JSON object", reply_to=reply)
+    offset += header_len
+    view = memoryview(data)
+    arrays: dict[str, np.ndarray] = {}
+    metas = header.get("tensors", [])
+    if not isinstance(metas, list):
+        raise InvalidRequest("'tensors' is not a list", reply_to=reply)
+    for meta in metas:
+        try:
+            name, dtype, shape, nbytes = meta
+            shape_t = tuple(shape)
+            nbytes = int(nbytes)
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"bad tensor descriptor {meta!r}", reply_to=reply) from None
+        if nbytes < 0 or offset + nbytes > len(data):
+            raise InvalidRequest(f"tensor {name!r} runs past the end of the message", reply_to=reply)
+        try:
+            arrays[str(name)] = tensors.from_bytes(view[offset : offset + nbytes], str(dtype), shape_t)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"tensor {name!r}: {exc.message}", reply_to=reply, **exc.details) from None
+        offset += nbytes
+    if offset != len(data):
+        raise InvalidRequest(f"{len(data) - offset} unexpected trailing bytes", reply_to=reply)
+    return reply, header, arrays
+
+
+def peek_reply(data: bytes) -> str | None:
+    """The reply inbox of a frame, or None if even the fixed prefix is unreadable."""
+    if len(data) < _PREFIX.size:
+        return None
+    magic, version, _kind, reply_len = _PREFIX.unpack_from(data, 0)
+    if magic != MAGIC or version != VERSION or _PREFIX.size + reply_len > len(data):
+        return None
+    try:
+        return bytes(data[_PREFIX.size : _PREFIX.size + reply_len]).decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def encode_request(msg: RequestMessage) -> bytes:
+    header: dict[str, Any] = {
+        "id": msg.id,
+        "trace": msg.trace_id,
+        "op": msg.operator,
+        "ver": msg.version,
+        "deadline": msg.deadline,
+        "params": msg.parameters,
+    }
+    if msg.parent_id:
+        header["parent"] = msg.parent_id
+    return _frame(KIND_REQUEST, msg.reply_to, header, msg.inputs)
+
+
+def decode_request(data: bytes) -> RequestMessage:
+    reply, h, arrays = _unframe(data, KIND_REQUEST)
+    try:
+        msg = RequestMessage(
+            id=_str(h, "id"),
+            trace_id=_str(h, "trace"),
+            operator=_str(h, "op"),
+            version=int(h["ver"]),
+            deadline=float(h["deadline"]),
+            reply_to=reply,
+            parameters=dict(h.get("params") or {}),
+            inputs=arrays,
+            parent_id=h.get("parent"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidRequest(f"request header field is missing or invalid: {exc}", reply_to=reply) from None
+    if not reply:
+        raise InvalidRequest("request has no reply inbox", request_id=msg.id)
+    return msg
+
+
+def encode_response(msg: ResponseMessage) -> bytes:
+    header: dict[str, Any] = {"id": msg.request_id, "kind": msg.kind, "worker": msg.worker_id, "attempt": msg.attempt}
+    if msg.parameters:
+        header["params"] = msg.parameters
+    if msg.error is not None:
+        header["error"] = {"code": msg.error.code, "message": msg.error.message, "details": msg.error.details}
+    return _frame(KIND_RESPONSE, "", header, msg.outputs)
+
+
+def decode_response(data: bytes) -> ResponseMessage:
+    _reply, h, arrays = _unframe(data, KIND_RESPONSE)
+    try:
+        kind = h["kind"]
+        if kind not in RESPONSE_KINDS:
+            raise ValueError(f"unknown response kind {kind!r}")
+        err = h.get("error")
+        return ResponseMessage(
+            request_id=_str(h, "id"),
+            kind=kind,
+            worker_id=str(h.get("worker", "")),
+            attempt=int(h.get("attempt", 1)),
+            outputs=arrays,
+            parameters=dict(h.get("params") or {}),
+            error=ErrorInfo(str(err["code"]), str(err["message"]), dict(err.get("details") or {})) if err else None,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidRequest(f"response header field is missing or invalid: {exc}") from None
+
+
+def _str(h: dict[str, Any], key: str) -> str:
+    value = h[key]
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key!r} must be a non-empty string")
+    return value

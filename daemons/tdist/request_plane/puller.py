@@ -1,0 +1,106 @@
+"""Credit-based pulls from a JetStream consumer.
+
+A worker asks for exactly as many messages as it has free slots. ``outstanding``
+counts messages asked for and not yet delivered: each delivered message takes
+one off; a 408 (request expired) or 409 (request refused) status gives back the
+``Nats-Pending-Messages`` it names. Delivered messages keep their stream subject,
+so they cannot be matched to a pull request; the counts add up regardless.
+This is nats.go's continuous "consume" model, kept small and explicit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from tdist.logs import get_logger
+
+log = get_logger("tdist.puller")
+
+STATUS = "Status"
+
+
+class Puller:
+    def __init__(
+        self,
+        nc: NatsClient,
+        stream: str,
+        consumer: str,
+        on_message: Callable[[Msg], None],
+        on_credit_returned: Callable[[], None],
+        *,
+        expires: float = 10.0,
+    ) -> None:
+        self._nc = nc
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = nc.new_inbox()
+        self._on_message = on_message
+        self._on_credit_returned = on_credit_returned
+        self._expires = expires
+        self._outstanding = 0
+        self._last_request = 0.0
+        self._sub: Subscription | None = None
+        self.consumer = consumer
+        self.consumer_missing = False
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+
+    async def request(self, batch: int) -> None:
+        """Ask the server for up to ``batch`` more messages."""
+        if batch <= 0 or self._sub is None:
+            return
+        self._outstanding += batch
+        self._last_request = time.monotonic()
+        body = json.dumps({"batch": batch, "expires": int(self._expires * 1e9)}).encode()
+        await self._nc.publish(self._next_subject, body, reply=self._inbox)
+
+    def forget_stale(self) -> None:
+        """Every pull request has expired by now: a count left over was lost (a reconnect)."""
+        if self._outstanding and time.monotonic() - self._last_request > self._expires + 5.0:
+            self._outstanding = 0
+            self._on_credit_returned()
+
+    def reset(self) -> None:
+        """Forget every open pull request (after a reconnect the server has none)."""
+        self._outstanding = 0
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        self._outstanding = 0
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # connection already closed
+                pass
+
+    async def _on_msg(self, msg: Msg) -> None:
+        headers = msg.headers
+        if headers and STATUS in headers and not msg.data:
+            status = headers[STATUS]
+            if status == "100":  # idle heartbeat
+                return
+            try:
+                returned = int(headers.get("Nats-Pending-Messages", "0"))
+            except ValueError:
+                returned = 0
+            if status == "409" and "Consumer Deleted" in headers.get("Description", ""):
+                self.consumer_missing = True
+                returned = self._outstanding
+            elif status not in ("404", "408", "409"):
+                log.warning("pull_status", consumer=self.consumer, status=status, description=headers.get("Description"))
+            self._outstanding = max(0, self._outstanding - returned)
+            self._on_credit_returned()
+            return
+        if self._outstanding > 0:
+            self._outstanding -= 1
+        self._on_message(msg)

@@ -1,0 +1,115 @@
+"""Triton dtype names <-> numpy, and the byte layout of tensors (pure, no I/O).
+
+BYTES tensors use Triton's layout: every element is a 4-byte little-endian
+length followed by its bytes, elements in C order.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+
+from tdist.errors import InvalidRequest
+
+TRITON_TO_NUMPY: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+_NUMPY_TO_TRITON = {dt: name for name, dt in TRITON_TO_NUMPY.items() if name != "BYTES"}
+_LEN = struct.Struct("<I")
+
+
+def triton_dtype(array: np.ndarray) -> str:
+    """The Triton dtype name of a numpy array (object/bytes/str arrays are BYTES)."""
+    if array.dtype.kind in ("O", "S", "U"):
+        return "BYTES"
+    name = _NUMPY_TO_TRITON.get(array.dtype.newbyteorder("=") if array.dtype.byteorder == ">" else array.dtype)
+    if name is None:
+        raise InvalidRequest(f"dtype {array.dtype} has no Triton equivalent", dtype=str(array.dtype))
+    return name
+
+
+def to_bytes(array: np.ndarray, dtype: str) -> bytes | memoryview:
+    """The wire bytes of ``array`` (little-endian, C order)."""
+    if dtype == "BYTES":
+        return serialize_bytes_tensor(array)
+    arr = np.ascontiguousarray(array, dtype=TRITON_TO_NUMPY[dtype].newbyteorder("<"))
+    return memoryview(arr).cast("B")
+
+
+def from_bytes(buf: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only array over ``buf``; validates that the sizes agree."""
+    np_dtype = TRITON_TO_NUMPY.get(dtype)
+    if np_dtype is None:
+        raise InvalidRequest(f"unknown Triton dtype {dtype!r}", dtype=dtype)
+    count = 1
+    for dim in shape:
+        if not isinstance(dim, int) or dim < 0:
+            raise InvalidRequest(f"bad shape {list(shape)}", shape=list(shape))
+        count *= dim
+    if dtype == "BYTES":
+        return deserialize_bytes_tensor(buf, shape, count)
+    expected = count * np_dtype.itemsize
+    if len(buf) != expected:
+        raise InvalidRequest(
+            f"tensor of {dtype}{list(shape)} needs {expected} bytes, got {len(buf)}",
+            dtype=dtype,
+            shape=list(shape),
+        )
+    return np.frombuffer(buf, dtype=np_dtype.newbyteorder("<"), count=count).reshape(shape)
+
+
+def serialize_bytes_tensor(array: np.ndarray) -> bytes:
+    parts: list[bytes] = []
+    for item in np.asarray(array, dtype=object).ravel(order="C"):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(_LEN.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes_tensor(buf: bytes | memoryview, shape: tuple[int, ...], count: int) -> np.ndarray:
+    view = memoryview(buf)
+    items: list[bytes] = []
+    pos = 0
+    for _ in range(count):
+        if pos + 4 > len(view):
+            raise InvalidRequest("BYTES tensor is truncated", shape=list(shape))
+        (length,) = _LEN.unpack_from(view, pos)
+        pos += 4
+        if pos + length > len(view):
+            raise InvalidRequest("BYTES tensor element is truncated", shape=list(shape))
+        items.append(bytes(view[pos : pos + length]))
+        pos += length
+    if pos != len(view):
+        raise InvalidRequest(f"BYTES tensor has {len(view) - pos} trailing bytes", shape=list(shape))
+    out = np.empty(count, dtype=object)
+    out[:] = items
+    return out.reshape(shape)
+
+
+def as_array(value: Any) -> np.ndarray:
+    """Accept numpy arrays, scalars, lists, bytes and str as tensor values."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (bytes, str)):
+        out = np.empty(1, dtype=object)
+        out[0] = value
+        return out
+    arr = np.asarray(value)
+    if arr.dtype.kind in ("S", "U"):
+        return arr.astype(object)
+    return arr

@@ -1,0 +1,136 @@
+"""``tdist-worker``: run one worker from a TOML file or from flags.
+
+    tdist-worker --config worker.toml [--worker NAME]
+    tdist-worker --nats-url nats://127.0.0.1:4222 --namespace demo --name echo \\
+        --operator name=echo,implementation=tdist.operators.builtin:Echo,max_inflight=8
+
+SIGTERM or SIGINT drains: stop pulling, finish in-flight work, deregister, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tdist import logs
+from tdist.config import (
+    LoggingConfig,
+    NatsConfig,
+    OperatorConfig,
+    RequestPlaneConfig,
+    WorkerConfig,
+    WorkerFile,
+    load_worker_file,
+)
+from tdist.errors import ConfigError, TdistError
+from tdist.worker.worker import Worker
+
+log = logs.get_logger("tdist.worker.main")
+
+
+def parse_operator_flag(text: str) -> OperatorConfig:
+    """``name=echo,implementation=mod:Cls,version=1,max_inflight=4,param.delay=0.1``."""
+    fields: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError(f"--operator part {part!r} is not key=value", key="--operator")
+        key = key.strip()
+        if key.startswith("param."):
+            try:
+                params[key[6:]] = json.loads(value)
+            except ValueError:
+                params[key[6:]] = value
+        elif key in ("version", "max_inflight"):
+            try:
+                fields[key] = int(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be an integer, got {value!r}", key=f"--operator {key}") from None
+        elif key in ("name", "implementation"):
+            fields[key] = value
+        else:
+            raise ConfigError(f"unknown --operator key {key!r}", key="--operator")
+    for required in ("name", "implementation"):
+        if required not in fields:
+            raise ConfigError(f"--operator needs {required}=...", key="--operator")
+    return OperatorConfig(parameters=params, **fields)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tdist-worker", description="Run a tdist worker hosting operators.")
+    p.add_argument("--config", help="TOML file with [nats], [request_plane], [logging] and [worker] or [[workers]]")
+    p.add_argument("--worker", help="with [[workers]]: which worker of the file to run")
+    p.add_argument("--nats-url", action="append", help="NATS server URL (repeatable); overrides the file")
+    p.add_argument("--namespace", help="namespace; overrides the file")
+    p.add_argument("--name", help="worker name (flags mode)")
+    p.add_argument("--operator", action="append", default=[], help="operator spec (flags mode, repeatable)")
+    p.add_argument("--worker-id", help="fixed worker id (default: NAME-<random>)")
+    p.add_argument("--ack-wait", type=float, help="seconds before an unacknowledged request is redelivered")
+    p.add_argument("--max-deliver", type=int, help="delivery attempts per request")
+    p.add_argument("--registry-ttl", type=float, help="seconds a dead worker stays in the registry")
+    p.add_argument("--drain-timeout", type=float, help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument("--log-level", help="debug, info, warning, error")
+    p.add_argument("--log-file", help="append JSON log lines here instead of stderr")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> WorkerFile:
+    if args.config:
+        wf = load_worker_file(args.config, args.worker)
+        nats, rp, logging, worker = wf.nats, wf.request_plane, wf.logging, wf.worker
+    else:
+        if not args.name or not args.operator:
+            raise ConfigError("without --config, give --name and at least one --operator", key="--name")
+        nats, rp, logging = NatsConfig(), RequestPlaneConfig(), LoggingConfig()
+        worker = WorkerConfig(name=args.name, operators=tuple(parse_operator_flag(o) for o in args.operator))
+    if args.nats_url:
+        nats = NatsConfig(**{**nats.__dict__, "servers": tuple(args.nats_url)})
+    rp_over = {k: v for k, v in (("namespace", args.namespace), ("ack_wait", args.ack_wait),
+                                 ("max_deliver", args.max_deliver)) if v is not None}
+    if rp_over:
+        rp = RequestPlaneConfig(**{**rp.__dict__, **rp_over})
+    w_over = {k: v for k, v in (("registry_ttl", args.registry_ttl), ("drain_timeout", args.drain_timeout)) if v is not None}
+    if w_over:
+        worker = WorkerConfig(**{**worker.__dict__, **w_over})
+    l_over = {k: v for k, v in (("level", args.log_level), ("file", args.log_file)) if v is not None}
+    if l_over:
+        logging = LoggingConfig(**{**logging.__dict__, **l_over})
+    return WorkerFile(nats=nats, request_plane=rp, logging=logging, worker=worker)
+
+
+async def run(wf: WorkerFile, worker_id: str | None = None) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Worker(wf.worker, nats=wf.nats, request_plane=wf.request_plane, worker_id=worker_id) as worker:
+        print(json.dumps({"event": "worker_ready", "worker_id": worker.id}), flush=True)
+        await stop.wait()
+        log.info("worker_signal_stop", worker=worker.id)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        wf = resolve(args)
+    except ConfigError as exc:
+        print(f"tdist-worker: configuration error: {exc.message}", file=sys.stderr)
+        return 1
+    logs.configure(wf.logging.level, file=wf.logging.file, component="worker", node=wf.worker.node)
+    try:
+        return asyncio.run(run(wf, args.worker_id))
+    except TdistError as exc:
+        log.error("worker_failed", error=str(exc), code=exc.code)
+        print(f"tdist-worker: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,549 @@
+"""A worker: hosts operators and serves their requests from the work queue.
+
+For each operator the worker pulls only while it has free slots
+(``max_inflight``), acknowledges a request only after its final response is
+sent, and tells the server a long request is still in progress so that it is
+not redelivered while its worker lives. A worker that dies leaves its
+unacknowledged requests to be redelivered to another worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from tdist.client import CallLink, RemoteOperator
+from tdist.config import NatsConfig, OperatorConfig, RequestPlaneConfig, WorkerConfig
+from tdist.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidRequest,
+    OperatorNotFound,
+    PayloadTooLarge,
+    TdistError,
+)
+from tdist.logs import get_logger
+from tdist.operators import Operator, Request, load_operator_class
+from tdist.registry import OperatorInfo, Registry, WorkerInfo
+from tdist.request_plane import protocol, streams, subjects
+from tdist.request_plane.caller import Caller
+from tdist.request_plane.connection import connect
+from tdist.request_plane.puller import Puller
+from tdist.worker.states import WorkerState, check_transition
+
+log = get_logger("tdist.worker")
+
+_CANCELLED_MEMORY = 10_000
+
+
+@dataclass(eq=False)
+class _Held:
+    """A delivered, unacknowledged request message: waiting for a slot or running."""
+
+    msg: Msg
+    runner: OperatorRunner
+    request_id: str | None = None
+    task: asyncio.Task[None] | None = None
+    request: Request | None = None
+    cancel_reason: str | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+class OperatorRunner:
+    """One hosted operator: its instance, its slots and its pull on the shared queue."""
+
+    def __init__(self, worker: Worker, config: OperatorConfig, instance: Operator) -> None:
+        self.worker = worker
+        self.config = config
+        self.instance = instance
+        self.slots = asyncio.Semaphore(config.max_inflight)
+        self.held = 0
+        """Messages delivered and not yet finished (waiting for a slot or running)."""
+        self.running = 0
+        self.served = 0
+        self.puller: Puller | None = None
+        # Top up in batches once a quarter of the slots is free, but never leave none asked for.
+        self._min_batch = max(1, config.max_inflight // 4)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.config.name, self.config.version)
+
+    def top_up(self) -> None:
+        puller = self.puller
+        if puller is None or self.worker.state is not WorkerState.SERVING:
+            return
+        outstanding = puller.outstanding
+        want = self.config.max_inflight - self.held - outstanding
+        if want >= self._min_batch or (want > 0 and outstanding == 0):
+            self.worker.spawn(puller.request(want))
+
+    def info(self) -> OperatorInfo:
+        return OperatorInfo(self.config.name, self.config.version, self.config.max_inflight, self.running)
+
+
+class Worker:
+    """``async with Worker(...) as w: await w.serve_until(stop_event)``; SIGTERM handling is the caller's."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        nats: NatsConfig,
+        request_plane: RequestPlaneConfig,
+        worker_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.nats_config = nats
+        self.rp = request_plane
+        self.id = worker_id or f"{config.name}-{uuid.uuid4().hex[:10]}"
+        subjects.check_name("worker id", self.id)
+        self.state = WorkerState.STARTING
+        self.started_at = time.time()
+        self.runners: dict[tuple[str, int], OperatorRunner] = {}
+        self.nc: NatsClient | None = None
+        self.caller: Caller | None = None
+        self.registry: Registry | None = None
+        self._directed: Puller | None = None
+        self._held: set[_Held] = set()
+        self._by_request: dict[str, _Held] = {}
+        self._cancelled: OrderedDict[str, float] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._maintenance: asyncio.Task[None] | None = None
+        self._cancel_sub: Any = None
+        self._stream = subjects.stream_name(request_plane.namespace)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _set_state(self, new: WorkerState) -> None:
+        check_transition(self.state, new)
+        log.info("worker_state", worker=self.id, old=self.state.value, new=new.value)
+        self.state = new
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Load operators, connect, declare consumers, register, then start pulling."""
+        try:
+            for op_cfg in self.config.operators:
+                cls = load_operator_class(op_cfg.implementation)
+                instance = cls(op_cfg.name, op_cfg.version, op_cfg.parameters)
+                await instance.setup()
+                self.runners[(op_cfg.name, op_cfg.version)] = OperatorRunner(self, op_cfg, instance)
+            self.nc = await connect(self.nats_config, name=f"tdist-worker {self.id}", on_reconnect=self._on_reconnect)
+            self.caller = await Caller(self.nc, self.rp, component_id=self.id).start()
+            self.registry = await Registry.open(self.nc.jetstream(), self.rp.namespace)
+            self._cancel_sub = await self.nc.subscribe(subjects.cancel_wildcard(self.rp.namespace), cb=self._on_cancel)
+            await self._declare_consumers()
+            await self._start_pullers()
+            self._set_state(WorkerState.SERVING)
+            await self._register()
+            for runner in self.runners.values():
+                runner.top_up()
+            self._top_up_directed()
+            self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+            log.info("worker_serving", worker=self.id, operators=[f"{n}:{v}" for n, v in self.runners])
+        except BaseException:
+            await self._close_resources()
+            raise
+
+    async def _declare_consumers(self) -> None:
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        await streams.ensure_stream(js, self.rp, self.nc.max_payload)
+        for runner in self.runners.values():
+            cfg = streams.shared_consumer_config(self.rp, runner.config.name, runner.config.version)
+            await streams.ensure_consumer(js, self._stream, cfg)
+        await streams.ensure_consumer(js, self._stream, streams.directed_consumer_config(self.rp, self.id))
+
+    async def _start_pullers(self) -> None:
+        assert self.nc is not None
+        for runner in self.runners.values():
+            consumer = subjects.shared_consumer(runner.config.name, runner.config.version)
+            runner.puller = Puller(
+                self.nc, self._stream, consumer, lambda m, r=runner: self._accept(m, r), runner.top_up
+            )
+            await runner.puller.start()
+        self._directed = Puller(
+            self.nc, self._stream, subjects.directed_consumer(self.id), self._accept_directed, self._top_up_directed
+        )
+        await self._directed.start()
+
+    def _top_up_directed(self) -> None:
+        if self._directed is not None and self.state is WorkerState.SERVING and self._directed.outstanding == 0:
+            self.spawn(self._directed.request(1))
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    async def drain(self) -> None:
+        """Stop pulling, let held requests finish within ``drain_timeout``, then stop."""
+        if self.state is not WorkerState.SERVING:
+            return
+        self._set_state(WorkerState.DRAINING)
+        for puller in self._pullers():
+            await puller.stop()
+        await self._register()
+        try:
+            async with asyncio.timeout(self.config.drain_timeout):
+                await self._idle.wait()
+            log.info("worker_drained", worker=self.id)
+        except TimeoutError:
+            log.warning("drain_timeout", worker=self.id, held=len(self._held))
+            for held in list(self._held):
+                held.cancel_reason = "shutdown"
+                if held.task is not None:
+                    held.task.cancel()
+            await asyncio.gather(*[h.task for h in self._held if h.task], return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Drain (if serving), deregister and close everything."""
+        if self.state is WorkerState.STOPPED:
+            return
+        await self.drain()
+        self._set_state(WorkerState.STOPPED)
+        await self._close_resources()
+
+    async def _close_resources(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
+            self._maintenance = None
+        for puller in self._pullers():
+            await puller.stop()
+        if self.registry is not None:
+            try:
+                await self.registry.delete(self.id)
+            except Exception as exc:
+                log.warning("deregister_failed", worker=self.id, error=str(exc))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for runner in self.runners.values():
+            try:
+                await runner.instance.close()
+            except Exception as exc:
+                log.warning("operator_close_failed", operator=runner.config.name, error=str(exc))
+        if self.caller is not None:
+            await self.caller.close()
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:
+                await self.nc.close()
+        log.info("worker_stopped", worker=self.id)
+
+    def _pullers(self) -> list[Puller]:
+        found = [r.puller for r in self.runners.values() if r.puller is not None]
+        return found + ([self._directed] if self._directed is not None else [])
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- registry and upkeep -------------------------------------------------
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            id=self.id,
+            name=self.config.name,
+            node=self.config.node,
+            pid=os.getpid(),
+            state=self.state.value,
+            operators=tuple(r.info() for r in self.runners.values()),
+            started_at=self.started_at,
+            heartbeat_at=time.time(),
+            ttl=self.config.registry_ttl,
+            gpus=tuple(filter(None, os.environ.get("CUDA_VISIBLE_DEVICES", "").split(","))),
+            served=sum(r.served for r in self.runners.values()),
+        )
+
+    async def _register(self) -> None:
+        if self.registry is None or self.state is WorkerState.STOPPED:
+            return
+        try:
+            await self.registry.put(self.info())
+        except Exception as exc:
+            log.warning("heartbeat_failed", worker=self.id, error=str(exc))
+
+    async def _maintain(self) -> None:
+        """Heartbeats, in-progress signals for held requests, lost pull requests."""
+        heartbeat_every = self.config.registry_ttl / 3
+        progress_every = self.rp.ack_wait / 3
+        tick = min(0.5, heartbeat_every, progress_every)
+        next_heartbeat = time.monotonic() + heartbeat_every
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                next_heartbeat = now + heartbeat_every
+                await self._register()
+            for held in list(self._held):
+                if now - held.last_progress >= progress_every:
+                    held.last_progress = now
+                    await self._ack(held.msg, b"+WPI")
+            for puller in self._pullers():
+                puller.forget_stale()
+            for runner in self.runners.values():
+                if runner.puller is not None and runner.puller.consumer_missing:
+                    runner.puller.consumer_missing = False
+                    await self._recover()
+                runner.top_up()
+            self._top_up_directed()
+
+    async def _on_reconnect(self) -> None:
+        self.spawn(self._recover())
+
+    async def _recover(self) -> None:
+        """After a reconnect the server holds none of our pull requests; it may have lost consumers too."""
+        try:
+            await self._declare_consumers()
+        except Exception as exc:
+            log.warning("redeclare_failed", worker=self.id, error=str(exc))
+        for puller in self._pullers():
+            puller.reset()
+        for runner in self.runners.values():
+            runner.top_up()
+        self._top_up_directed()
+        await self._register()
+
+    # -- serving -------------------------------------------------------------
+
+    def _accept(self, msg: Msg, runner: OperatorRunner) -> None:
+        held = _Held(msg, runner)
+        runner.held += 1
+        self._held.add(held)
+        self._idle.clear()
+        held.task = self.spawn(self._serve(held))
+
+    def _accept_directed(self, msg: Msg) -> None:
+        self._top_up_directed()
+        tokens = msg.subject.split(".")
+        runner = None
+        if len(tokens) == 6:
+            try:
+                runner = self.runners.get((tokens[3], int(tokens[4])))
+            except ValueError:
+                runner = None
+        if runner is None:
+            self.spawn(self._reject_unknown(msg, tokens[3] if len(tokens) > 3 else "?"))
+            return
+        self._accept(msg, runner)
+
+    async def _reject_unknown(self, msg: Msg, operator: str) -> None:
+        try:
+            req = protocol.decode_request(msg.data)
+            await self._send(
+                req.reply_to,
+                self._error(req.id, OperatorNotFound(
+                    f"worker {self.id} does not host operator {req.operator} v{req.version}",
+                    operator=req.operator, version=req.version, worker=self.id,
+                    hosted=[f"{n}:{v}" for n, v in self.runners],
+                ), self._attempt(msg)),
+            )
+        except InvalidRequest as exc:
+            await self._answer_malformed(exc, msg)
+        await self._ack(msg, b"+TERM")
+
+    def _finish(self, held: _Held) -> None:
+        held.runner.held -= 1
+        self._held.discard(held)
+        if held.request_id is not None:
+            self._by_request.pop(held.request_id, None)
+        if not self._held:
+            self._idle.set()
+        held.runner.top_up()
+
+    @staticmethod
+    def _attempt(msg: Msg) -> int:
+        try:
+            return int(msg.metadata.num_delivered)
+        except Exception:
+            return 1
+
+    async def _serve(self, held: _Held) -> None:
+        msg, runner = held.msg, held.runner
+        req: protocol.RequestMessage | None = None
+        attempt = self._attempt(msg)
+        try:
+            try:
+                req = protocol.decode_request(msg.data)
+            except InvalidRequest as exc:
+                await self._answer_malformed(exc, msg)
+                await self._ack(msg, b"+TERM")
+                return
+            held.request_id = req.id
+            self._by_request[req.id] = held
+            structlog.contextvars.bind_contextvars(
+                request_id=req.id, trace_id=req.trace_id, operator=req.operator, worker=self.id
+            )
+            refusal = self._refusal(held, req, attempt)
+            if refusal is not None:
+                await self._finish_with(msg, req, refusal)
+                return
+            async with runner.slots:
+                refusal = self._refusal(held, req, attempt)
+                if refusal is not None:
+                    await self._finish_with(msg, req, refusal)
+                    return
+                runner.running += 1
+                try:
+                    final = await self._execute(held, runner, req, attempt)
+                finally:
+                    runner.running -= 1
+                    runner.served += 1
+            await self._finish_with(msg, req, final)
+        except asyncio.CancelledError:
+            if held.cancel_reason == "caller" and req is not None:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                log.info("request_cancelled")
+                await self._finish_with(msg, req, self._error(req.id, Cancelled("cancelled by the caller"), attempt))
+                return
+            if held.cancel_reason == "shutdown":
+                await self._ack(msg, b"-NAK")  # hand it to another worker now
+            raise
+        except Exception as exc:  # a bug of ours: never leave the request hanging
+            log.exception("serve_failed", error=str(exc))
+            await self._ack(msg, b"-NAK")
+        finally:
+            self._finish(held)
+
+    def _refusal(self, held: _Held, req: protocol.RequestMessage, attempt: int) -> protocol.ResponseMessage | None:
+        """The error that keeps a request from starting, if any (cancelled, or past its deadline)."""
+        if held.cancel_reason is not None or req.id in self._cancelled:
+            return self._error(req.id, Cancelled("cancelled before it started"), attempt)
+        if time.time() >= req.deadline:
+            log.info("request_expired_unstarted")
+            return self._error(req.id, DeadlineExceeded("deadline passed before a worker started it"), attempt)
+        return None
+
+    async def _execute(self, held: _Held, runner: OperatorRunner, req: protocol.RequestMessage, attempt: int
+                       ) -> protocol.ResponseMessage:
+        async def send_partial(outputs: Mapping[str, Any], parameters: Mapping[str, Any] | None) -> None:
+            partial = protocol.ResponseMessage(
+                req.id, "partial", self.id, attempt, dict(outputs), dict(parameters or {})
+            )
+            await self._send(req.reply_to, partial, check=True)
+
+        request = Request(
+            id=req.id,
+            trace_id=req.trace_id,
+            operator=req.operator,
+            version=req.version,
+            deadline=req.deadline,
+            attempt=attempt,
+            parameters=req.parameters,
+            inputs=req.inputs,
+            send_partial=send_partial,
+            make_remote=self._remote_for,
+        )
+        held.request = request
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        log.debug("request_started", attempt=attempt)
+        scope = asyncio.timeout(loop.time() + (req.deadline - time.time()))
+        try:
+            async with scope:
+                outputs = await runner.instance.execute(request)
+            log.debug("request_done", seconds=round(time.monotonic() - started, 6))
+            return protocol.ResponseMessage(req.id, "final", self.id, attempt, dict(outputs or {}))
+        except TimeoutError as exc:
+            if scope.expired():
+                log.info("request_deadline_exceeded")
+                return self._error(req.id, DeadlineExceeded("deadline passed while the operator ran"), attempt)
+            return self._operator_failed(req, exc, attempt)
+        except TdistError as exc:
+            log.info("request_error", code=exc.code, error=str(exc))
+            return self._error(req.id, exc, attempt)
+        except Exception as exc:
+            return self._operator_failed(req, exc, attempt)
+
+    def _operator_failed(self, req: protocol.RequestMessage, exc: BaseException, attempt: int) -> protocol.ResponseMessage:
+        log.warning("operator_raised", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        return protocol.ResponseMessage(
+            req.id, "error", self.id, attempt,
+            error=protocol.ErrorInfo("OPERATOR_ERROR", f"operator {req.operator} raised {type(exc).__name__}: {exc}",
+                                     {"type": type(exc).__name__, "operator": req.operator}),
+        )
+
+    def _remote_for(self, name: str, version: int, request: Request) -> RemoteOperator:
+        assert self.caller is not None
+        return RemoteOperator(
+            self.caller, name, version, link=CallLink(request.trace_id, request.id, request.deadline)
+        )
+
+    def _error(self, request_id: str, exc: TdistError, attempt: int) -> protocol.ResponseMessage:
+        return protocol.ResponseMessage(request_id, "error", self.id, attempt, error=protocol.ErrorInfo.from_exception(exc))
+
+    async def _finish_with(self, msg: Msg, req: protocol.RequestMessage, final: protocol.ResponseMessage) -> None:
+        """Send the final response, then acknowledge: never the other way round."""
+        await self._send(req.reply_to, final)
+        await self._ack(msg, b"+ACK")
+
+    async def _answer_malformed(self, exc: InvalidRequest, msg: Msg) -> None:
+        reply = exc.details.get("reply_to")
+        log.warning("malformed_request", error=exc.message, subject=msg.subject, can_answer=bool(reply))
+        if isinstance(reply, str) and reply:
+            request_id = reply.rsplit(".", 1)[-1]
+            await self._send(reply, self._error(request_id, exc, self._attempt(msg)))
+
+    async def _send(self, reply_to: str, resp: protocol.ResponseMessage, *, check: bool = False) -> None:
+        """Publish a response; one too large for the server becomes an error (or raises, for partials)."""
+        assert self.nc is not None
+        data = protocol.encode_response(resp)
+        if len(data) > self.nc.max_payload:
+            too_large = PayloadTooLarge(
+                f"response is {len(data)} bytes, the server's max_payload is {self.nc.max_payload}",
+                size=len(data), max_payload=self.nc.max_payload,
+            )
+            if check:
+                raise too_large
+            data = protocol.encode_response(self._error(resp.request_id, too_large, resp.attempt))
+        try:
+            await self.nc.publish(reply_to, data)
+        except Exception as exc:
+            log.warning("response_publish_failed", error=str(exc))
+
+    async def _ack(self, msg: Msg, kind: bytes) -> None:
+        if not msg.reply or self.nc is None:
+            return
+        try:
+            await self.nc.publish(msg.reply, kind)
+        except Exception as exc:
+            log.warning("ack_failed", kind=kind.decode(), error=str(exc))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        request_id = msg.subject.rsplit(".", 1)[-1]
+        held = self._by_request.get(request_id)
+        if held is None:
+            self._cancelled[request_id] = time.monotonic()
+            while len(self._cancelled) > _CANCELLED_MEMORY:
+                self._cancelled.popitem(last=False)
+            return
+        held.cancel_reason = "caller"
+        if held.request is not None:
+            held.request.cancelled.set()
+        if held.task is not None:
+            held.task.cancel()
