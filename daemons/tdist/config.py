@@ -51,7 +51,7 @@ class RequestPlaneConfig:
     replicas: int = 1
     max_age: float = 3600.0
     max_msgs: int = 1_000_000
-    max_bytes: int = 1 << 30
+    max_bytes: int = 256 << 20
     default_timeout: float = 60.0
 
     def __post_init__(self) -> None:
@@ -80,7 +80,7 @@ class OperatorConfig:
     parameters: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_name("operator name", self.name)
+        check_name("operator name", self.name, key="name")
         if not isinstance(self.implementation, str) or ":" not in self.implementation:
             raise ConfigError(
                 f"implementation {self.implementation!r} must be 'module:Class' or 'path/file.py:Class'",
@@ -101,7 +101,7 @@ class WorkerConfig:
     drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        check_name("worker name", self.name)
+        check_name("worker name", self.name, key="name")
         if not self.operators:
             raise ConfigError("a worker needs at least one operator", key="operators")
         seen: set[tuple[str, int]] = set()
@@ -187,7 +187,8 @@ def _build(cls: type, table: _Table, **values: Any) -> Any:
         return cls(**{k: v for k, v in values.items() if v is not None})
     except ConfigError as exc:
         key = exc.key or ""
-        full = key if key.startswith(table.path) or not table.path else f"{table.path}.{key.split('.')[-1]}"
+        inside = not table.path or key == table.path or key.startswith(f"{table.path}.")
+        full = key if inside else f"{table.path}.{key.split('.')[-1]}"
         raise ConfigError(exc.message.split(": ", 1)[-1], file=table.file, key=full) from None
 
 
@@ -296,6 +297,8 @@ def load_worker_file(path: str | Path, worker_name: str | None = None) -> Worker
             index = names.index(worker_name)
         else:
             raise ConfigError(f"no worker named {worker_name!r}; the file has {names}", file=file, key="workers")
+        if not isinstance(entries[index], dict):
+            raise ConfigError("must be a table", file=file, key=f"workers[{index}]")
         entry = dict(entries[index])
         for agent_key in ("count", "gpus_per_instance"):
             entry.pop(agent_key, None)

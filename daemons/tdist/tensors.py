@@ -47,7 +47,7 @@ def to_bytes(array: np.ndarray, dtype: str) -> bytes | memoryview:
     if dtype == "BYTES":
         return serialize_bytes_tensor(array)
     arr = np.ascontiguousarray(array, dtype=TRITON_TO_NUMPY[dtype].newbyteorder("<"))
-    return memoryview(arr).cast("B")
+    return memoryview(arr.reshape(-1)).cast("B")  # 1-D first: cast() refuses zeros in a multi-dim shape
 
 
 def from_bytes(buf: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

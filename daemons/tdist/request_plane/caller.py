@@ -145,7 +145,7 @@ class Caller:
         self._stream = subjects.stream_name(rp.namespace)
 
     async def start(self) -> Caller:
-        await streams.ensure_stream(self.js, self.rp, self.nc.max_payload)
+        await streams.ensure_stream(self.js, self.rp, self.nc.max_payload, update=False)
         self._subs.append(await self.nc.subscribe(f"{self._inbox}.>", cb=self._on_inbox))
         self._subs.append(await self.nc.subscribe(subjects.max_deliveries_advisory(self.rp.namespace), cb=self._on_advisory))
         return self

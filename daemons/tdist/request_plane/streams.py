@@ -15,7 +15,10 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from tdist.config import RequestPlaneConfig
+from tdist.logs import get_logger
 from tdist.request_plane import subjects
+
+log = get_logger("tdist.streams")
 
 # Durable consumers of operators nobody pulls from for this long are removed.
 SHARED_CONSUMER_IDLE = 7 * 24 * 3600.0
@@ -40,12 +43,30 @@ def stream_config(rp: RequestPlaneConfig, max_payload: int) -> StreamConfig:
     )
 
 
-async def ensure_stream(js: JetStreamContext, rp: RequestPlaneConfig, max_payload: int) -> None:
-    """Create the stream, or bring an existing one to this configuration."""
+async def ensure_stream(js: JetStreamContext, rp: RequestPlaneConfig, max_payload: int, *, update: bool) -> None:
+    """Create the stream if it is missing; with ``update``, bring its limits to this configuration.
+
+    Callers create but never update: the workers' configuration owns the limits.
+    Storage and replicas of an existing stream are kept (they cannot change in place).
+    """
     cfg = stream_config(rp, max_payload)
     try:
-        await js.add_stream(cfg)
-    except BadRequestError:
+        info = await js.stream_info(cfg.name)  # type: ignore[arg-type]
+    except NotFoundError:
+        try:
+            await js.add_stream(cfg)
+            return
+        except BadRequestError:  # created meanwhile by another process
+            info = await js.stream_info(cfg.name)  # type: ignore[arg-type]
+    if not update:
+        return
+    have = info.config
+    cfg.storage, cfg.num_replicas = have.storage, have.num_replicas
+    if (have.storage != stream_config(rp, max_payload).storage):
+        log.warning("stream_storage_kept", stream=cfg.name, have=str(have.storage), want=rp.storage)
+    if (have.max_age, have.max_msgs, have.max_bytes, have.max_msg_size) != (
+        cfg.max_age, cfg.max_msgs, cfg.max_bytes, cfg.max_msg_size
+    ):
         await js.update_stream(cfg)
 
 

@@ -19,10 +19,10 @@ from tdist.errors import ConfigError
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def check_name(kind: str, value: str) -> str:
+def check_name(kind: str, value: str, key: str | None = None) -> str:
     """Names become subject tokens, consumer names and KV keys: keep them plain."""
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise ConfigError(f"{kind} {value!r} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", key=kind)
+    if not isinstance(value, str) or not _NAME.fullmatch(value):  # fullmatch: "$" alone accepts a trailing "\n"
+        raise ConfigError(f"{kind} {value!r} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", key=key or kind)
     return value
 
 

@@ -162,13 +162,14 @@ class Worker:
             self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
             log.info("worker_serving", worker=self.id, operators=[f"{n}:{v}" for n, v in self.runners])
         except BaseException:
+            self.state = WorkerState.STOPPED
             await self._close_resources()
             raise
 
     async def _declare_consumers(self) -> None:
         assert self.nc is not None
         js = self.nc.jetstream()
-        await streams.ensure_stream(js, self.rp, self.nc.max_payload)
+        await streams.ensure_stream(js, self.rp, self.nc.max_payload, update=True)
         for runner in self.runners.values():
             cfg = streams.shared_consumer_config(self.rp, runner.config.name, runner.config.version)
             await streams.ensure_consumer(js, self._stream, cfg)

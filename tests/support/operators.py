@@ -1,0 +1,78 @@
+"""Operators used by the tests. Loaded by path, so worker processes can use them too."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from tdist.operators import Operator, Request
+
+
+class Counting(Operator):
+    """Echoes after ``delay`` seconds and records the highest concurrency it saw."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.active = 0
+        self.peak = 0
+        self.executed: list[str] = []
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        self.executed.append(request.id)
+        try:
+            await asyncio.sleep(float(request.parameters.get("delay", self.parameters.get("delay", 0.0))))
+            return request.inputs
+        finally:
+            self.active -= 1
+
+
+class Announcing(Operator):
+    """Sends a partial 'started' response, works ``delay`` seconds, then echoes."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.cancelled: list[str] = []
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        await request.send({"started": np.array([1], dtype=np.int8)})
+        try:
+            await asyncio.sleep(float(request.parameters.get("delay", self.parameters.get("delay", 1.0))))
+        except asyncio.CancelledError:
+            self.cancelled.append(request.id)
+            raise
+        return request.inputs
+
+
+class Streaming(Operator):
+    """Sends ``count`` partial responses numbered 0..count-1, then a final one."""
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        count = int(request.parameters.get("count", 3))
+        for i in range(count):
+            await request.send({"index": np.array([i], dtype=np.int64)})
+        return {"count": np.array([count], dtype=np.int64)}
+
+
+class Raising(Operator):
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        raise ValueError(f"bad value {request.parameters.get('value', 42)}")
+
+
+class NeedsInput(Operator):
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        x = request.input("x")
+        return {"y": x * 2}
+
+
+class Parent(Operator):
+    """Calls operator ``child`` (parameter) with its inputs and returns the child's outputs."""
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        child = request.operator(str(request.parameters.get("child", "announcing")))
+        result = await child.infer(request.inputs, parameters=request.parameters.get("child_parameters", {}))
+        return result.outputs
