@@ -36,7 +36,7 @@ async def connect(
         log.warning("nats_error", error=str(exc), connection=name)
 
     async def disconnected_cb() -> None:
-        log.warning("nats_disconnected", connection=name)
+        log.info("nats_disconnected", connection=name)
 
     async def reconnected_cb() -> None:
         log.info("nats_reconnected", connection=name)
