@@ -36,7 +36,7 @@ def configure(level: str = "info", *, stream: IO[str] | None = None, file: str |
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level.lower()]),
         logger_factory=structlog.PrintLoggerFactory(out),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
 
 

@@ -59,9 +59,16 @@ class Request:
         self.attempt = attempt
         self.parameters = parameters
         self.inputs = inputs
-        self.cancelled = asyncio.Event()
+        self._cancelled: asyncio.Event | None = None
         self._send_partial = send_partial
         self._make_remote = make_remote
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        """Set when the caller cancels; the operator's task is also cancelled."""
+        if self._cancelled is None:
+            self._cancelled = asyncio.Event()
+        return self._cancelled
 
     def input(self, name: str) -> np.ndarray:
         """The named input, or an ``InvalidRequest`` naming what was expected and given."""

@@ -14,6 +14,8 @@ matching caller gets ``MaxDeliveriesExceeded`` instead of waiting for its deadli
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import json
 import time
 import uuid
@@ -48,27 +50,50 @@ log = get_logger("tdist.caller")
 _KNOWN_OPERATOR_TTL = 30.0
 
 
-def new_id() -> str:
-    return uuid.uuid4().hex
+class _IdSource:
+    """Unique ids without a uuid4 per request: a random 64-bit prefix per process and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._count = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count):x}"
+
+
+new_id = _IdSource()
 
 
 @dataclass(slots=True)
 class _Pending:
     request_id: str
     operator: str
-    queue: asyncio.Queue[protocol.ResponseMessage | TdistError] = field(default_factory=asyncio.Queue)
+    items: collections.deque[protocol.ResponseMessage | TdistError] = field(default_factory=collections.deque)
+    waiter: asyncio.Future[None] | None = None
     stream_seq: int | None = None
     done: bool = False
     """Final response seen or cancel sent: nothing more to cancel."""
     final_seen: bool = False
 
+    def push(self, item: protocol.ResponseMessage | TdistError) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
 
 class ResponseStream:
     """The responses to one request: iterate for partial ones, or ``await final()``.
 
-    The iterator yields every partial response and then the final one; an error
+    Iteration yields every partial response and then the final one; an error
     response raises its typed error. It never waits past the request's deadline.
-    Leaving the iteration early or cancelling the task cancels the request.
+    A stream left before its final response (an exception, a cancelled task, a
+    deadline) cancels its request.
     """
 
     def __init__(self, caller: Caller, pending: _Pending, deadline: float) -> None:
@@ -76,57 +101,72 @@ class ResponseStream:
         self._pending = pending
         self.deadline = deadline
         self.request_id = pending.request_id
+        self._finished = False
 
-    def __aiter__(self) -> AsyncIterator[protocol.ResponseMessage]:
-        return self._iterate()
+    def __aiter__(self) -> ResponseStream:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[protocol.ResponseMessage]:
-        finished = False
+    async def __anext__(self) -> protocol.ResponseMessage:
+        if self._finished:
+            raise StopAsyncIteration
         try:
-            while True:
-                item = await self._next()
-                if isinstance(item, TdistError):
-                    finished = True
-                    raise item
-                if item.kind == "error":
-                    finished = True
-                    assert item.error is not None
-                    raise item.error.to_exception()
-                if item.final:
-                    finished = True
-                    yield item
-                    return
-                yield item
-        finally:
-            if not finished:
-                await self._caller.cancel(self.request_id)
-            self._caller._forget(self.request_id)
+            item = await self._next()
+        except BaseException:
+            await self._close(cancel=True)
+            raise
+        if isinstance(item, TdistError):
+            await self._close(cancel=False)
+            raise item
+        if item.kind == "error":
+            await self._close(cancel=False)
+            assert item.error is not None
+            raise item.error.to_exception()
+        if item.final:
+            await self._close(cancel=False)
+        return item
+
+    async def _close(self, *, cancel: bool) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if cancel:
+            await self._caller.cancel(self.request_id)
+        self._caller._forget(self.request_id)
 
     async def _next(self) -> protocol.ResponseMessage | TdistError:
-        remaining = self.deadline - time.time()
-        if remaining <= 0:
-            raise DeadlineExceeded(
-                "request deadline passed", request_id=self.request_id, operator=self._pending.operator
-            )
-        try:
-            async with asyncio.timeout(remaining):
-                return await self._pending.queue.get()
-        except TimeoutError:
-            raise DeadlineExceeded(
-                "no final response before the deadline", request_id=self.request_id, operator=self._pending.operator
-            ) from None
+        pending = self._pending
+        if not pending.items:
+            remaining = self.deadline - time.time()
+            if remaining > 0:
+                # One future and one timer per wait: cheaper than a queue under asyncio.timeout.
+                loop = asyncio.get_running_loop()
+                waiter = pending.waiter = loop.create_future()
+                timer = loop.call_later(remaining, _wake, waiter)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+                    pending.waiter = None
+        if pending.items:
+            return pending.items.popleft()
+        raise DeadlineExceeded(
+            "no final response before the deadline", request_id=self.request_id, operator=pending.operator
+        )
 
     async def final(self) -> protocol.ResponseMessage:
         """Wait for the final response, dropping partial ones."""
-        last: protocol.ResponseMessage | None = None
-        async for resp in self:
-            last = resp
-        assert last is not None and last.final
-        return last
+        while True:
+            resp = await self.__anext__()
+            if resp.final:
+                return resp
+
+    async def aclose(self) -> None:
+        """Stop listening; cancels the request if its final response has not come."""
+        await self._close(cancel=True)
 
     async def cancel(self) -> None:
         await self._caller.cancel(self.request_id)
-        self._pending.queue.put_nowait(Cancelled("request cancelled by the caller", request_id=self.request_id))
+        self._pending.push(Cancelled("request cancelled by the caller", request_id=self.request_id))
 
 
 class Caller:
@@ -158,7 +198,7 @@ class Caller:
                 pass
         self._subs.clear()
         for pending in self._pending.values():
-            pending.queue.put_nowait(RequestPlaneUnavailable("caller closed", request_id=pending.request_id))
+            pending.push(RequestPlaneUnavailable("caller closed", request_id=pending.request_id))
 
     @property
     def max_payload(self) -> int:
@@ -288,12 +328,24 @@ class Caller:
             return
         if resp.final:
             pending.final_seen = pending.done = True
-        pending.queue.put_nowait(resp)
+        pending.push(resp)
 
     def _on_pub_ack(self, pending: _Pending, msg: Msg) -> None:
+        data = msg.data
+        if data.startswith(b'{"stream":') and b'"error"' not in data:  # the common case, without json
+            pos = data.rfind(b'"seq":')
+            end = data.find(b",", pos)
+            try:
+                seq = int(data[pos + 6 : end if end > 0 else data.rfind(b"}")])
+            except ValueError:
+                seq = None
+            if seq is not None:
+                pending.stream_seq = seq
+                self._by_seq[seq] = pending.request_id
+                return
         headers = msg.headers or {}
         if headers.get("Status") == "503":
-            pending.queue.put_nowait(
+            pending.push(
                 RequestPlaneUnavailable("no stream takes this request", request_id=pending.request_id)
             )
             return
@@ -305,7 +357,7 @@ class Caller:
         if err:
             desc = str(err.get("description", err))
             cls = RequestPlaneFull if "maximum" in desc or "limit" in desc or "full" in desc else RequestPlaneUnavailable
-            pending.queue.put_nowait(cls(f"the request stream refused the request: {desc}", request_id=pending.request_id))
+            pending.push(cls(f"the request stream refused the request: {desc}", request_id=pending.request_id))
             return
         seq = ack.get("seq")
         if isinstance(seq, int):
@@ -324,7 +376,7 @@ class Caller:
         pending = self._pending.get(request_id)
         if pending is None:
             return
-        pending.queue.put_nowait(
+        pending.push(
             MaxDeliveriesExceeded(
                 f"request was delivered {adv.get('deliveries')} times and no worker finished it",
                 request_id=request_id,
