@@ -50,6 +50,11 @@ class NatsServerOptions:
     max_pending: int = 256 << 20
     server_name: str | None = None
     log_file: str | None = None
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
 
 class EmbeddedNatsServer:
@@ -83,6 +88,12 @@ class EmbeddedNatsServer:
         ]
         if o.server_name:
             lines.append(f"server_name: {json.dumps(o.server_name)}")
+        if o.user is not None:
+            lines.append(f"authorization {{ user: {json.dumps(o.user)}, password: {json.dumps(o.password or '')} }}")
+        elif o.token is not None:
+            lines.append(f"authorization {{ token: {json.dumps(o.token)} }}")
+        if o.tls_cert_file and o.tls_key_file:
+            lines.append(f"tls {{ cert_file: {json.dumps(o.tls_cert_file)}, key_file: {json.dumps(o.tls_key_file)} }}")
         return "\n".join(lines) + "\n"
 
     def start(self, timeout: float = 20.0) -> EmbeddedNatsServer:
@@ -120,6 +131,8 @@ class EmbeddedNatsServer:
                 try:
                     ports = json.loads(Path(ports_file).read_text())
                     self.url = ports["nats"][0]
+                    if self.options.tls_cert_file:
+                        self.url = "tls://" + self.url.split("://", 1)[1]
                     self.monitor_url = ports["monitoring"][0]
                 except (ValueError, KeyError, IndexError):
                     pass

@@ -29,14 +29,20 @@ TRITON_TO_NUMPY: dict[str, np.dtype[Any]] = {
     "BYTES": np.dtype(np.object_),
 }
 _NUMPY_TO_TRITON = {dt: name for name, dt in TRITON_TO_NUMPY.items() if name != "BYTES"}
+_WIRE = {name: dt.newbyteorder("<") for name, dt in TRITON_TO_NUMPY.items() if name != "BYTES"}
+"""Wire dtypes (little-endian), computed once: these lookups sit on every request's path."""
 _LEN = struct.Struct("<I")
 
 
 def triton_dtype(array: np.ndarray) -> str:
     """The Triton dtype name of a numpy array (object/bytes/str arrays are BYTES)."""
+    name = _NUMPY_TO_TRITON.get(array.dtype)
+    if name is not None:
+        return name
     if array.dtype.kind in ("O", "S", "U"):
         return "BYTES"
-    name = _NUMPY_TO_TRITON.get(array.dtype.newbyteorder("=") if array.dtype.byteorder == ">" else array.dtype)
+    if array.dtype.byteorder == ">":
+        name = _NUMPY_TO_TRITON.get(array.dtype.newbyteorder("="))
     if name is None:
         raise InvalidRequest(f"dtype {array.dtype} has no Triton equivalent", dtype=str(array.dtype))
     return name
@@ -46,15 +52,18 @@ def to_bytes(array: np.ndarray, dtype: str) -> bytes | memoryview:
     """The wire bytes of ``array`` (little-endian, C order)."""
     if dtype == "BYTES":
         return serialize_bytes_tensor(array)
-    arr = np.ascontiguousarray(array, dtype=TRITON_TO_NUMPY[dtype].newbyteorder("<"))
+    arr = np.ascontiguousarray(array, dtype=_WIRE[dtype])
     return memoryview(arr.reshape(-1)).cast("B")  # 1-D first: cast() refuses zeros in a multi-dim shape
 
 
 def from_bytes(buf: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """A read-only array over ``buf``; validates that the sizes agree."""
-    np_dtype = TRITON_TO_NUMPY.get(dtype)
-    if np_dtype is None:
-        raise InvalidRequest(f"unknown Triton dtype {dtype!r}", dtype=dtype)
+    if dtype == "BYTES":
+        np_dtype = TRITON_TO_NUMPY[dtype]
+    else:
+        np_dtype = _WIRE.get(dtype)  # type: ignore[assignment]
+        if np_dtype is None:
+            raise InvalidRequest(f"unknown Triton dtype {dtype!r}", dtype=dtype)
     count = 1
     for dim in shape:
         if not isinstance(dim, int) or dim < 0:
@@ -69,7 +78,7 @@ def from_bytes(buf: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> n
             dtype=dtype,
             shape=list(shape),
         )
-    return np.frombuffer(buf, dtype=np_dtype.newbyteorder("<"), count=count).reshape(shape)
+    return np.frombuffer(buf, dtype=np_dtype, count=count).reshape(shape)
 
 
 def serialize_bytes_tensor(array: np.ndarray) -> bytes:

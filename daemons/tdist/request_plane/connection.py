@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -13,6 +14,9 @@ from tdist.errors import RequestPlaneUnavailable
 from tdist.logs import get_logger
 
 log = get_logger("tdist.nats")
+
+# A first connection that fails this many times per server (bad credentials, no server) is an error.
+INITIAL_ATTEMPTS = 2
 
 
 def tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
@@ -53,12 +57,13 @@ async def connect(
     tls = tls_context(cfg)
     if tls is not None:
         kwargs["tls"] = tls
+    budget = (cfg.connect_timeout + 1.0) * INITIAL_ATTEMPTS * len(cfg.servers) + 1.0
     try:
-        return await nats.connect(
+        nc = await asyncio.wait_for(nats.connect(
             servers=list(cfg.servers),
             name=name,
             connect_timeout=int(max(1, cfg.connect_timeout)),
-            max_reconnect_attempts=-1,
+            max_reconnect_attempts=INITIAL_ATTEMPTS,
             reconnect_time_wait=1,
             allow_reconnect=True,
             error_cb=error_cb,
@@ -66,6 +71,10 @@ async def connect(
             reconnected_cb=reconnected_cb,
             pending_size=64 << 20,
             **kwargs,  # type: ignore[arg-type]
-        )
+        ), budget)  # nats-py can stall retrying a failed TLS handshake: bound the first connection
     except Exception as exc:  # nats raises several unrelated types here
         raise RequestPlaneUnavailable(f"cannot connect to NATS: {exc}", servers=list(cfg.servers)) from exc
+    # Connected once: from now on, reconnect for as long as it takes. nats-py reads this option
+    # at each reconnect; it has no separate setting for the first connection.
+    nc.options["max_reconnect_attempts"] = -1
+    return nc

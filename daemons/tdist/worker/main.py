@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
+
 from tdist import logs
 from tdist.config import (
     LoggingConfig,
@@ -109,7 +111,9 @@ async def run(wf: WorkerFile, worker_id: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Worker(wf.worker, nats=wf.nats, request_plane=wf.request_plane, worker_id=worker_id) as worker:
+    worker = Worker(wf.worker, nats=wf.nats, request_plane=wf.request_plane, worker_id=worker_id)
+    structlog.contextvars.bind_contextvars(worker=worker.id)  # every task of this process inherits it
+    async with worker:
         print(json.dumps({"event": "worker_ready", "worker_id": worker.id}), flush=True)
         await stop.wait()
         log.info("worker_signal_stop", worker=worker.id)

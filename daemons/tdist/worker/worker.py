@@ -355,7 +355,8 @@ class Worker:
         runner.held += 1
         self._held.add(held)
         self._idle.clear()
-        held.task = self.spawn(self._serve(held))
+        # Tracked through _held (not spawn): one task per request is the hot path.
+        held.task = asyncio.get_running_loop().create_task(self._serve(held))
 
     def _accept_directed(self, msg: Msg) -> None:
         self._top_up_directed()
@@ -417,9 +418,7 @@ class Worker:
                 return
             held.request_id = req.id
             self._by_request[req.id] = held
-            structlog.contextvars.bind_contextvars(
-                request_id=req.id, trace_id=req.trace_id, operator=req.operator, worker=self.id
-            )
+            structlog.contextvars.bind_contextvars(request_id=req.id, trace_id=req.trace_id, operator=req.operator)
             refusal = self._refusal(held, req, attempt)
             if refusal is not None:
                 await self._finish_with(msg, req, refusal)
