@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
@@ -87,6 +88,7 @@ class Registry:
         self.kv = kv
         self.namespace = namespace
         self._prefix = f"$KV.{subjects.workers_bucket(namespace)}."
+        self._watches: weakref.WeakSet[RegistryWatch] = weakref.WeakSet()
 
     @classmethod
     async def open(cls, js: JetStreamContext, namespace: str) -> Registry:
@@ -112,7 +114,18 @@ class Registry:
             return dict(watch.workers)
 
     def watch(self) -> RegistryWatch:
-        return RegistryWatch(self)
+        watch = RegistryWatch(self)
+        self._watches.add(watch)
+        return watch
+
+    async def resync_watches(self) -> None:
+        """Rebuild every open watch from a fresh snapshot (after a reconnect)."""
+        for watch in list(self._watches):
+            if watch.active:
+                try:
+                    await watch.resync()
+                except Exception as exc:
+                    log.warning("registry_resync_failed", error=str(exc))
 
 
 class RegistryWatch:
@@ -128,7 +141,7 @@ class RegistryWatch:
         self._watcher: Any = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
-        self._generation = 0
+        self.active = False
 
     async def __aenter__(self) -> RegistryWatch:
         await self.resync()
@@ -140,7 +153,7 @@ class RegistryWatch:
     async def resync(self) -> None:
         """Start a fresh watcher; replace the view once its snapshot is complete."""
         await self._stop_watcher()
-        self._generation += 1
+        self.active = True
         watcher = await self._registry.kv.watchall()
         snapshot: dict[str, WorkerInfo] = {}
         while True:
@@ -220,4 +233,5 @@ class RegistryWatch:
                 pass
 
     async def close(self) -> None:
+        self.active = False
         await self._stop_watcher()

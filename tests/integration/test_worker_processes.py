@@ -108,3 +108,26 @@ async def test_registry_shows_a_started_worker_and_forgets_a_killed_one(
         gone_after = time.monotonic() - killed_at
     print(f"killed worker left the registry {gone_after:.2f} s after SIGKILL (ttl 2 s)")
     assert wp.worker_id not in await client.workers()
+
+
+async def test_worker_logs_are_json_lines_with_request_context(
+    client: Client, worker_processes: WorkerProcesses
+) -> None:
+    import json
+
+    from tdist.errors import OperatorError
+
+    wp = worker_processes.start("logger", operator_flag("boom", "Raising"))
+    stream = await client.operator("boom").call({}, timeout=30)
+    with pytest.raises(OperatorError):
+        await stream.final()
+    worker_processes.kill(wp, signal.SIGTERM)
+    assert await asyncio.to_thread(wp.proc.wait, 30) == 0
+    lines = (worker_processes.log_dir / f"{wp.worker_id}.log").read_text().splitlines()
+    events = [json.loads(line) for line in lines]  # every line is one JSON object
+    raised = [e for e in events if e["event"] == "operator_raised"]
+    assert len(raised) == 1
+    assert raised[0]["request_id"] == stream.request_id
+    assert raised[0]["trace_id"] == stream.request_id  # a top-level request starts its own trace
+    assert raised[0]["operator"] == "boom" and raised[0]["worker"] == wp.worker_id
+    assert raised[0]["level"] == "warning" and "timestamp" in raised[0]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -132,6 +133,7 @@ class Client:
         self._nc: NatsClient | None = None
         self._caller: Caller | None = None
         self._registry: Registry | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_connection(cls, nc: NatsClient, caller: Caller, registry: Registry | None = None) -> Client:
@@ -148,8 +150,14 @@ class Client:
         await self.close()
 
     async def connect(self) -> None:
-        self._nc = await connect(self.nats_config, name=self._name)
+        self._nc = await connect(self.nats_config, name=self._name, on_reconnect=self._on_reconnect)
         self._caller = await Caller(self._nc, self.request_plane).start()
+
+    async def _on_reconnect(self) -> None:
+        if self._registry is not None:
+            task = asyncio.get_running_loop().create_task(self._registry.resync_watches())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         if self._caller is not None:
