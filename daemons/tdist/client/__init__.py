@@ -22,7 +22,7 @@ from tdist.config import NatsConfig, RequestPlaneConfig
 from tdist.errors import DeadlineExceeded
 from tdist.registry import Registry, WorkerInfo
 from tdist.request_plane.caller import Caller, ResponseStream
-from tdist.request_plane.connection import connect
+from tdist.request_plane.connection import close_connection, connect
 from tdist.request_plane.protocol import ResponseMessage
 
 __all__ = ["Client", "RemoteOperator", "Response", "ResponseStream"]
@@ -163,7 +163,7 @@ class Client:
         if self._caller is not None:
             await self._caller.close()
         if self._nc is not None:
-            await self._nc.drain()
+            await close_connection(self._nc)
         self._nc = self._caller = self._registry = None
 
     @property

@@ -17,6 +17,8 @@ log = get_logger("tdist.nats")
 
 # A first connection that fails this many times per server (bad credentials, no server) is an error.
 INITIAL_ATTEMPTS = 2
+# Each step of closing a connection (flush, deregister) may take this long at most.
+CLOSE_STEP_TIMEOUT = 3.0
 
 
 def tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
@@ -78,3 +80,21 @@ async def connect(
     # at each reconnect; it has no separate setting for the first connection.
     nc.options["max_reconnect_attempts"] = -1
     return nc
+
+
+async def close_connection(nc: NatsClient) -> None:
+    """Flush what was published (responses, acks), then close.
+
+    Not ``drain()``: our own shutdown already stopped intake and finished the work,
+    and nats-py's drain can wait its whole 30 s timeout on an idle subscription.
+    """
+    if nc.is_closed:
+        return
+    try:
+        await nc.flush(timeout=CLOSE_STEP_TIMEOUT)
+    except Exception as exc:
+        log.warning("nats_flush_failed", error=str(exc))
+    try:
+        await nc.close()
+    except Exception as exc:
+        log.warning("nats_close_failed", error=str(exc))

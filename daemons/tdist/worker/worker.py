@@ -38,7 +38,7 @@ from tdist.operators import Operator, Request, load_operator_class
 from tdist.registry import OperatorInfo, Registry, WorkerInfo
 from tdist.request_plane import protocol, streams, subjects
 from tdist.request_plane.caller import Caller
-from tdist.request_plane.connection import connect
+from tdist.request_plane.connection import CLOSE_STEP_TIMEOUT, close_connection, connect
 from tdist.request_plane.puller import Puller
 from tdist.worker.states import WorkerState, check_transition
 
@@ -237,7 +237,8 @@ class Worker:
             await puller.stop()
         if self.registry is not None:
             try:
-                await self.registry.delete(self.id)
+                async with asyncio.timeout(CLOSE_STEP_TIMEOUT):
+                    await self.registry.delete(self.id)
             except Exception as exc:
                 log.warning("deregister_failed", worker=self.id, error=str(exc))
         for task in list(self._tasks):
@@ -250,11 +251,8 @@ class Worker:
                 log.warning("operator_close_failed", operator=runner.config.name, error=str(exc))
         if self.caller is not None:
             await self.caller.close()
-        if self.nc is not None and not self.nc.is_closed:
-            try:
-                await self.nc.drain()
-            except Exception:
-                await self.nc.close()
+        if self.nc is not None:
+            await close_connection(self.nc)
         log.info("worker_stopped", worker=self.id)
 
     def _pullers(self) -> list[Puller]:
