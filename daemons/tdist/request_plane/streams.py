@@ -70,31 +70,39 @@ async def ensure_stream(js: JetStreamContext, rp: RequestPlaneConfig, max_payloa
         await js.update_stream(cfg)
 
 
-def shared_consumer_config(rp: RequestPlaneConfig, operator: str, version: int) -> ConsumerConfig:
+def _work_consumer(rp: RequestPlaneConfig, name: str, filter_subject: str, *, max_waiting: int, idle: float
+                   ) -> ConsumerConfig:
+    """A durable pull consumer with the namespace's delivery rules (ack wait, tries)."""
     return ConsumerConfig(
-        durable_name=subjects.shared_consumer(operator, version),
-        filter_subject=subjects.request_subject(rp.namespace, operator, version),
+        durable_name=name,
+        filter_subject=filter_subject,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=rp.ack_wait,
         max_deliver=rp.max_deliver,
         max_ack_pending=MAX_ACK_PENDING,
+        max_waiting=max_waiting,
+        inactive_threshold=idle,
+    )
+
+
+def shared_consumer_config(rp: RequestPlaneConfig, operator: str, version: int) -> ConsumerConfig:
+    return _work_consumer(
+        rp,
+        subjects.shared_consumer(operator, version),
+        subjects.request_subject(rp.namespace, operator, version),
         max_waiting=4096,
-        inactive_threshold=SHARED_CONSUMER_IDLE,
+        idle=SHARED_CONSUMER_IDLE,
     )
 
 
 def directed_consumer_config(rp: RequestPlaneConfig, worker_id: str) -> ConsumerConfig:
-    return ConsumerConfig(
-        durable_name=subjects.directed_consumer(worker_id),
-        filter_subject=subjects.directed_filter(rp.namespace, worker_id),
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=rp.ack_wait,
-        max_deliver=rp.max_deliver,
-        max_ack_pending=MAX_ACK_PENDING,
+    return _work_consumer(
+        rp,
+        subjects.directed_consumer(worker_id),
+        subjects.directed_filter(rp.namespace, worker_id),
         max_waiting=512,
-        inactive_threshold=DIRECTED_CONSUMER_IDLE,
+        idle=DIRECTED_CONSUMER_IDLE,
     )
 
 
