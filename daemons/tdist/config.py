@@ -71,6 +71,27 @@ class RequestPlaneConfig:
 
 
 @dataclass(frozen=True)
+class DataPlaneConfig:
+    inline_threshold: int = 64 << 10
+    """Tensors up to this many bytes travel inside the message; larger ones by reference."""
+    store_bytes: int = 2 << 30
+    """The most bytes of tensors this process keeps for consumers to pull."""
+    lease: float = 300.0
+    """Seconds a reference lives if its consumer never releases it (a consumer that died)."""
+    pull_timeout: float = 30.0
+    """Seconds a pull, reference or release may take before the owner counts as unreachable."""
+
+    def __post_init__(self) -> None:
+        if self.inline_threshold < 0:
+            raise ConfigError("must not be negative", key="data_plane.inline_threshold")
+        if self.store_bytes < 1:
+            raise ConfigError("must be at least 1", key="data_plane.store_bytes")
+        for key in ("lease", "pull_timeout"):
+            if getattr(self, key) <= 0:
+                raise ConfigError("must be positive", key=f"data_plane.{key}")
+
+
+@dataclass(frozen=True)
 class OperatorConfig:
     name: str
     implementation: str
@@ -134,6 +155,7 @@ class WorkerFile:
     request_plane: RequestPlaneConfig
     logging: LoggingConfig
     worker: WorkerConfig
+    data_plane: DataPlaneConfig = field(default_factory=DataPlaneConfig)
 
 
 class _Table:
@@ -229,6 +251,17 @@ def parse_request_plane(t: _Table) -> RequestPlaneConfig:
     )
 
 
+def parse_data_plane(t: _Table) -> DataPlaneConfig:
+    return _build(
+        DataPlaneConfig,
+        t,
+        inline_threshold=t.get("inline_threshold", int),
+        store_bytes=t.get("store_bytes", int),
+        lease=_num(t.get("lease", (int, float))),
+        pull_timeout=_num(t.get("pull_timeout", (int, float))),
+    )
+
+
 def parse_logging(t: _Table) -> LoggingConfig:
     return _build(LoggingConfig, t, level=t.get("level", str), file=t.get("file", str))
 
@@ -281,6 +314,7 @@ def load_worker_file(path: str | Path, worker_name: str | None = None) -> Worker
     nats = parse_nats(root.table("nats"))
     rp = parse_request_plane(root.table("request_plane"))
     logging = parse_logging(root.table("logging"))
+    data_plane = parse_data_plane(root.table("data_plane"))
     node_t = root.table("node")
     node_name = node_t.get("name", str)
     node_t.data.clear()  # the agent owns the rest of [node]
@@ -308,4 +342,4 @@ def load_worker_file(path: str | Path, worker_name: str | None = None) -> Worker
     for agent_table in ("agent", "supervisor", "http", "gpus", "directories"):
         root.data.pop(agent_table, None)
     root.done()
-    return WorkerFile(nats=nats, request_plane=rp, logging=logging, worker=worker)
+    return WorkerFile(nats=nats, request_plane=rp, logging=logging, worker=worker, data_plane=data_plane)

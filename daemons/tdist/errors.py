@@ -122,3 +122,45 @@ def error_from_code(code: str, message: str, details: dict[str, Any] | None = No
     err = cls.__new__(cls)
     TdistError.__init__(err, message, **(details or {}))
     return err
+
+
+class DataPlaneError(TdistError):
+    """A tensor could not be stored, pulled, referenced or released."""
+
+    code = "DATA_PLANE"
+
+
+class TensorNotFound(DataPlaneError):
+    """The owner has no tensor with this id (never existed, released or expired)."""
+
+    code = "TENSOR_NOT_FOUND"
+
+
+class StoreFull(DataPlaneError):
+    """The tensor store is at its byte limit; the tensor was not stored."""
+
+    code = "STORE_FULL"
+
+
+class PeerUnreachable(DataPlaneError):
+    """The tensor's owner did not answer within the timeout (dead or unreachable)."""
+
+    code = "PEER_UNREACHABLE"
+
+
+_BY_CODE.update({cls.code: cls for cls in (DataPlaneError, TensorNotFound, StoreFull, PeerUnreachable)})
+
+
+class TritonError(TdistError):
+    """The Triton server beside a worker: not found, failed to start, crashed, refused a model, or failed a request."""
+
+    code = "TRITON"
+
+
+class TritonModelNotReady(TritonError):
+    """The Triton server does not have the model loaded (never loaded, unloaded, or failed to load)."""
+
+    code = "TRITON_MODEL_NOT_READY"
+
+
+_BY_CODE.update({cls.code: cls for cls in (TritonError, TritonModelNotReady)})

@@ -7,20 +7,24 @@ Every message is one frame::
 All integers are little-endian. ``reply`` is the caller's inbox subject (empty
 in responses); it comes before the JSON header so that a worker can still send
 an error response when the header is malformed. ``header`` is compact UTF-8 JSON (orjson: the header is on the hot path); its
-``tensors`` list gives ``[name, dtype, shape, nbytes]`` for each tensor, whose
-bytes follow in that order.
+``tensors`` list gives ``[name, dtype, shape, nbytes]`` for each inline tensor,
+whose bytes follow in that order, and ``[name, dtype, shape, nbytes, {"ref", "owner"}]``
+for a tensor passed by reference (no bytes in the frame; the owner's data-plane
+address is in the header's ``peers`` map, once per owner).
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
 import orjson
 
 from tdist import tensors
+from tdist.data_plane.descriptor import TensorRef
 from tdist.errors import InvalidRequest, TdistError, error_from_code
 
 MAGIC = b"TD"
@@ -44,7 +48,8 @@ class RequestMessage:
     """Absolute deadline, seconds since the Unix epoch."""
     reply_to: str
     parameters: dict[str, Any] = field(default_factory=dict)
-    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """numpy arrays (inline) or ``TensorRef`` (by reference)."""
     parent_id: str | None = None
 
 
@@ -70,7 +75,8 @@ class ResponseMessage:
     kind: ResponseKind
     worker_id: str = ""
     attempt: int = 1
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    """numpy arrays (inline) or ``TensorRef`` (by reference)."""
     parameters: dict[str, Any] = field(default_factory=dict)
     error: ErrorInfo | None = None
 
@@ -83,16 +89,23 @@ def _jsonable(details: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else repr(v)) for k, v in details.items()}
 
 
-def _frame(kind: int, reply: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+def _frame(kind: int, reply: str, header: dict[str, Any], arrays: Mapping[str, Any]) -> bytes:
     metas: list[list[Any]] = []
     bodies: list[bytes | memoryview] = []
+    peers: dict[str, str] = {}
     for name, value in arrays.items():
+        if isinstance(value, TensorRef):  # by reference: the descriptor only, no bytes
+            metas.append([name, value.dtype, list(value.shape), value.nbytes, value.wire()])
+            peers[value.owner] = value.address
+            continue
         arr = tensors.as_array(value)
         dtype = tensors.triton_dtype(arr)
         data = tensors.to_bytes(arr, dtype)
         metas.append([name, dtype, list(arr.shape), len(data)])
         bodies.append(data)
     header["tensors"] = metas
+    if peers:
+        header["peers"] = peers
     reply_b = reply.encode()
     try:
         header_b = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -103,7 +116,7 @@ def _frame(kind: int, reply: str, header: dict[str, Any], arrays: dict[str, np.n
     )
 
 
-def _unframe(data: bytes, want_kind: int) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+def _unframe(data: bytes, want_kind: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
     reply = peek_reply(data)
     if reply is None:
         raise InvalidRequest("not a tdist message (bad magic, version or truncated prefix)")
@@ -125,16 +138,22 @@ def _unframe(data: bytes, want_kind: int) -> tuple[str, dict[str, Any], dict[str
         raise InvalidRequest("message header is not a JSON object", reply_to=reply)
     offset += header_len
     view = memoryview(data)
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}
     metas = header.get("tensors", [])
     if not isinstance(metas, list):
         raise InvalidRequest("'tensors' is not a list", reply_to=reply)
+    peers = header.get("peers") or {}
     for meta in metas:
         try:
-            name, dtype, shape, nbytes = meta
+            name, dtype, shape, nbytes, *ref = meta
             shape_t = tuple(shape)
             nbytes = int(nbytes)
-        except (TypeError, ValueError):
+            if ref:
+                if len(ref) != 1 or not all(isinstance(d, int) and d >= 0 for d in shape_t):
+                    raise ValueError
+                arrays[str(name)] = TensorRef.from_wire(ref[0], str(dtype), shape_t, nbytes, peers)
+                continue
+        except (TypeError, ValueError, KeyError, AttributeError):
             raise InvalidRequest(f"bad tensor descriptor {meta!r}", reply_to=reply) from None
         if nbytes < 0 or offset + nbytes > len(data):
             raise InvalidRequest(f"tensor {name!r} runs past the end of the message", reply_to=reply)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -33,6 +34,7 @@ from tdist.errors import ConfigError, TdistError
 from tdist.worker.worker import Worker
 
 log = logs.get_logger("tdist.worker.main")
+T = TypeVar("T")
 
 
 def parse_operator_flag(text: str) -> OperatorConfig:
@@ -77,33 +79,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-deliver", type=int, help="delivery attempts per request")
     p.add_argument("--registry-ttl", type=float, help="seconds a dead worker stays in the registry")
     p.add_argument("--drain-timeout", type=float, help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument("--inline-threshold", type=int, help="bytes above which tensors go by reference")
+    p.add_argument("--tensor-lease", type=float, help="seconds an unreleased tensor reference lives")
+    p.add_argument("--pull-timeout", type=float, help="seconds before a tensor's owner counts as unreachable")
     p.add_argument("--log-level", help="debug, info, warning, error")
     p.add_argument("--log-file", help="append JSON log lines here instead of stderr")
     return p
 
 
+def _override(config: T, **values: Any) -> T:
+    """``config`` with the flags that were given (not None) replacing its values."""
+    given = {k: v for k, v in values.items() if v is not None}
+    return dataclasses.replace(config, **given) if given else config  # type: ignore[type-var]
+
+
 def resolve(args: argparse.Namespace) -> WorkerFile:
     if args.config:
         wf = load_worker_file(args.config, args.worker)
-        nats, rp, logging, worker = wf.nats, wf.request_plane, wf.logging, wf.worker
     else:
         if not args.name or not args.operator:
             raise ConfigError("without --config, give --name and at least one --operator", key="--name")
-        nats, rp, logging = NatsConfig(), RequestPlaneConfig(), LoggingConfig()
         worker = WorkerConfig(name=args.name, operators=tuple(parse_operator_flag(o) for o in args.operator))
-    if args.nats_url:
-        nats = NatsConfig(**{**nats.__dict__, "servers": tuple(args.nats_url)})
-    rp_over = {k: v for k, v in (("namespace", args.namespace), ("ack_wait", args.ack_wait),
-                                 ("max_deliver", args.max_deliver)) if v is not None}
-    if rp_over:
-        rp = RequestPlaneConfig(**{**rp.__dict__, **rp_over})
-    w_over = {k: v for k, v in (("registry_ttl", args.registry_ttl), ("drain_timeout", args.drain_timeout)) if v is not None}
-    if w_over:
-        worker = WorkerConfig(**{**worker.__dict__, **w_over})
-    l_over = {k: v for k, v in (("level", args.log_level), ("file", args.log_file)) if v is not None}
-    if l_over:
-        logging = LoggingConfig(**{**logging.__dict__, **l_over})
-    return WorkerFile(nats=nats, request_plane=rp, logging=logging, worker=worker)
+        wf = WorkerFile(nats=NatsConfig(), request_plane=RequestPlaneConfig(), logging=LoggingConfig(), worker=worker)
+    return WorkerFile(
+        nats=_override(wf.nats, servers=tuple(args.nats_url) if args.nats_url else None),
+        request_plane=_override(wf.request_plane, namespace=args.namespace, ack_wait=args.ack_wait,
+                                max_deliver=args.max_deliver),
+        logging=_override(wf.logging, level=args.log_level, file=args.log_file),
+        worker=_override(wf.worker, registry_ttl=args.registry_ttl, drain_timeout=args.drain_timeout),
+        data_plane=_override(wf.data_plane, inline_threshold=args.inline_threshold, lease=args.tensor_lease,
+                             pull_timeout=args.pull_timeout),
+    )
 
 
 async def run(wf: WorkerFile, worker_id: str | None = None) -> int:

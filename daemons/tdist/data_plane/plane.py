@@ -1,0 +1,213 @@
+"""The data plane of one process: the tensors it owns, and pulls of other processes' tensors.
+
+Requests and responses carry ``TensorRef`` descriptors for tensors above the inline
+threshold; the receiver pulls the bytes straight from the owner, into the memory
+type it asks for. Forwarding a received tensor creates a new reference at its
+owner, so bulk bytes never pass through an orchestrating operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from tdist import tensors
+from tdist.config import DataPlaneConfig
+from tdist.data_plane.descriptor import TensorRef
+from tdist.data_plane.store import TensorStore
+from tdist.errors import DataPlaneError, TdistError
+from tdist.logs import get_logger
+
+log = get_logger("tdist.data_plane")
+
+GET, REFERENCE, RELEASE = 1, 2, 3
+
+
+class Transport(Protocol):
+    """Moves bytes between processes; knows nothing of tensors beyond ids and buffers."""
+
+    address: str
+
+    async def start(self, plane: DataPlane) -> None: ...
+
+    async def fetch(self, address: str, tensor_id: str, out: Any, timeout: float) -> None:
+        """Fill ``out`` (a contiguous buffer of exactly the tensor's size) with the tensor's bytes."""
+
+    async def command(self, address: str, cmd: int, tensor_id: str, timeout: float) -> str:
+        """REFERENCE returns the new id; RELEASE returns ''. Raises TensorNotFound, PeerUnreachable."""
+
+    async def close(self) -> None: ...
+
+
+def gpu_available() -> bool:
+    try:
+        import cupy  # type: ignore[import-not-found]
+
+        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
+    except Exception:
+        return False
+
+
+class DataPlane:
+    def __init__(self, component_id: str, config: DataPlaneConfig, transport: Transport) -> None:
+        self.component_id = component_id
+        self.config = config
+        self.transport = transport
+        self.store = TensorStore(config.store_bytes, config.lease)
+        self.bytes_pulled = 0
+        self.bytes_served = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._drained = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        return self.transport.address
+
+    async def start(self) -> DataPlane:
+        await self.transport.start(self)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_leases())
+        return self
+
+    async def close(self, wait_for_release: float = 0.0) -> None:
+        """Wait up to ``wait_for_release`` seconds for consumers to release, then stop serving."""
+        if wait_for_release > 0 and len(self.store):
+            try:
+                async with asyncio.timeout(wait_for_release):
+                    while len(self.store):
+                        self._drained.clear()
+                        await self._drained.wait()
+            except TimeoutError:
+                log.warning("data_plane_closed_with_references", references=len(self.store),
+                            bytes=self.store.bytes_used)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self.transport.close()
+
+    async def _sweep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.config.lease / 4))
+            expired = self.store.expire(time.monotonic())
+            if expired:
+                log.info("tensor_leases_expired", count=len(expired))
+                self._notify_release()
+
+    def _notify_release(self) -> None:
+        if not len(self.store):
+            self._drained.set()
+
+    # -- owning ---------------------------------------------------------------
+
+    def put(self, array: Any) -> TensorRef:
+        """Keep ``array`` here and describe it; its consumer pulls it."""
+        memory_type = "GPU" if type(array).__module__.startswith("cupy") else "CPU"
+        if memory_type == "CPU":
+            arr = np.asarray(array)
+            dtype = tensors.triton_dtype(arr)
+            data: Any = np.frombuffer(tensors.to_bytes(arr, dtype), dtype=np.uint8) if dtype == "BYTES" else \
+                np.ascontiguousarray(arr)
+            shape = tuple(arr.shape)
+        else:
+            data, dtype, shape = array, tensors.triton_dtype(array.get() if array.size == 0 else array[:0].get()), \
+                tuple(array.shape)
+        nbytes = int(data.nbytes)
+        tensor_id = self.store.put(data, nbytes, time.monotonic())
+        return TensorRef(self.component_id, self.address, tensor_id, dtype, shape, nbytes, memory_type,
+                         int(getattr(getattr(array, "device", None), "id", 0) or 0))
+
+    def serve_get(self, tensor_id: str) -> Any:
+        data = self.store.get(tensor_id)
+        self.bytes_served += int(data.nbytes)
+        return data
+
+    def serve_reference(self, tensor_id: str) -> str:
+        return self.store.reference(tensor_id, time.monotonic())
+
+    def serve_release(self, tensor_id: str) -> None:
+        self.store.release(tensor_id)
+        self._notify_release()
+
+    # -- consuming ------------------------------------------------------------
+
+    async def pull(self, ref: TensorRef, memory_type: str = "CPU") -> Any:
+        """The tensor's value in ``memory_type`` ("CPU" gives numpy, "GPU" gives cupy)."""
+        if memory_type == "GPU" and not gpu_available():
+            raise DataPlaneError("GPU memory asked for, but this process has no usable GPU (cupy/CUDA)",
+                                 tensor_id=ref.tensor_id)
+        if ref.owner == self.component_id:
+            raw = self.store.get(ref.tensor_id)
+            out = np.array(raw, copy=True) if memory_type == "CPU" else raw
+        else:
+            out = self._empty(ref, memory_type)
+            await self.transport.fetch(ref.address, ref.tensor_id, out, self.config.pull_timeout)
+            self.bytes_pulled += ref.nbytes
+        return self._typed(out, ref)
+
+    @staticmethod
+    def _empty(ref: TensorRef, memory_type: str) -> Any:
+        if memory_type == "GPU":
+            import cupy  # type: ignore[import-not-found]
+
+            return cupy.empty(ref.nbytes, dtype=cupy.uint8)
+        return np.empty(ref.nbytes, dtype=np.uint8)
+
+    @staticmethod
+    def _typed(raw: Any, ref: TensorRef) -> Any:
+        if ref.dtype == "BYTES":
+            host = raw if isinstance(raw, np.ndarray) else raw.get()
+            return tensors.from_bytes(host.tobytes(), "BYTES", ref.shape)
+        flat = raw.reshape(-1) if hasattr(raw, "reshape") else raw
+        return flat.view(tensors.TRITON_TO_NUMPY[ref.dtype].newbyteorder("<")).reshape(ref.shape)
+
+    async def forward(self, ref: TensorRef) -> TensorRef:
+        """A new reference for another consumer, created at the owner: no bytes move."""
+        if ref.owner == self.component_id:
+            new_id = self.serve_reference(ref.tensor_id)
+        else:
+            new_id = await self.transport.command(ref.address, REFERENCE, ref.tensor_id, self.config.pull_timeout)
+        return TensorRef(ref.owner, ref.address, new_id, ref.dtype, ref.shape, ref.nbytes, ref.memory_type,
+                         ref.device_id)
+
+    async def release(self, ref: TensorRef) -> None:
+        if ref.owner == self.component_id:
+            self.serve_release(ref.tensor_id)
+        else:
+            await self.transport.command(ref.address, RELEASE, ref.tensor_id, self.config.pull_timeout)
+
+    async def release_quietly(self, refs: list[TensorRef]) -> None:
+        """Release references we are done with; an owner that is gone already freed them."""
+        for ref in refs:
+            try:
+                await self.release(ref)
+            except TdistError as exc:
+                log.info("release_failed", tensor_id=ref.tensor_id, owner=ref.owner, error=str(exc))
+
+    # -- messages -------------------------------------------------------------
+
+    async def outgoing(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Tensors for a message: small ones inline, large ones stored here, received ones forwarded."""
+        out: dict[str, Any] = {}
+        for name, value in values.items():
+            if isinstance(value, TensorRef):
+                out[name] = await self.forward(value)
+            elif type(value).__module__.startswith("cupy"):
+                out[name] = self.put(value)
+            else:
+                arr = tensors.as_array(value)
+                out[name] = self.put(arr) if arr.nbytes > self.config.inline_threshold else arr
+        return out
+
+    async def materialize(self, values: Mapping[str, Any], memory_type: str = "CPU") -> dict[str, Any]:
+        """Pull every ``TensorRef`` in ``values`` and release it; arrays pass through."""
+        out: dict[str, Any] = {}
+        for name, value in values.items():
+            if isinstance(value, TensorRef):
+                out[name] = await self.pull(value, memory_type)
+                await self.release_quietly([value])
+            else:
+                out[name] = value
+        return out

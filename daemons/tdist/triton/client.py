@@ -1,0 +1,575 @@
+"""A thin asyncio client for a Triton server (tritonclient's aio gRPC or HTTP clients).
+
+``await client.infer(model, {"input": x})`` returns a :class:`TritonResult` with numpy outputs;
+Triton's errors become typed tdist errors (:func:`map_triton_error`):
+
+=====================================================  ==========================
+Triton says                                            tdist raises
+=====================================================  ==========================
+INVALID_ARGUMENT / HTTP 400 (dtype, shape, inputs,     :class:`InvalidRequest`
+parameters the model refuses)
+unknown model, no available versions, not ready        :class:`TritonModelNotReady`
+INTERNAL / HTTP 500 (the model's code failed)          :class:`OperatorError`
+DEADLINE_EXCEEDED, or the call's ``timeout`` passed    :class:`DeadlineExceeded`
+CANCELLED                                              :class:`Cancelled`
+cannot connect, connection lost, anything else         :class:`TritonError`
+=====================================================  ==========================
+
+System shared memory (``shared_memory="auto"``, the default for a server on this host): tensors
+of fixed-size dtypes travel through ``/dev/shm`` regions registered with the server once and
+reused, when a request's input bytes reach ``shm_threshold`` (64 KiB by default). Measured here
+(2 cores, one request at a time, the encoder model): for 1,000 int64 plain gRPC is as fast or
+faster (0.67 ms vs 0.73 ms p50); for 1 MiB shared memory is 2.8x faster (1.8 ms vs 5.1 ms p50);
+the crossover is near 64 KiB. Output regions are sized from the largest size seen for that
+model output (at first: the request's input bytes); if one is too small the request is sent
+again with that output over the wire (the model runs twice: rare, and only for a new larger size).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import mmap
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from tdist.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidRequest,
+    OperatorError,
+    TdistError,
+    TritonError,
+    TritonModelNotReady,
+)
+
+Protocol = Literal["grpc", "http"]
+SharedMemoryMode = Literal["off", "on", "auto"]
+
+_NOT_READY_MARKERS = ("unknown model", "has no available versions", "is not ready", "is not found")
+_SHM_REGION_MISSING = "unable to find shared memory region"
+_SHM_TOO_SMALL = "should be at least"
+_ALIGN = 64
+_MIN_REGION = 64 << 10
+
+
+@dataclass
+class TritonResult:
+    model: str
+    outputs: dict[str, np.ndarray]
+    request_id: str = ""
+    model_version: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _status_and_message(exc: BaseException) -> tuple[str, str]:
+    status = ""
+    message = str(exc)
+    status_fn = getattr(exc, "status", None)
+    message_fn = getattr(exc, "message", None)
+    if callable(status_fn):
+        status = str(status_fn() or "")
+    if callable(message_fn):
+        message = str(message_fn() or message)
+    return status, message
+
+
+def map_triton_error(exc: BaseException, model: str | None = None) -> TdistError:
+    """The typed tdist error for an exception from tritonclient (or its transport)."""
+    if isinstance(exc, TdistError):
+        return exc
+    details: dict[str, Any] = {"model": model} if model else {}
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return DeadlineExceeded("the Triton request timed out", **details)
+    status, message = _status_and_message(exc)
+    details["triton_status"] = status or type(exc).__name__
+    code = status.rsplit(".", 1)[-1]  # "StatusCode.INVALID_ARGUMENT" -> "INVALID_ARGUMENT"; "400" stays
+    low = message.lower()
+    if code in ("NOT_FOUND", "404", "UNAVAILABLE", "400") and any(m in low for m in _NOT_READY_MARKERS) and (
+        "model" in low
+    ):
+        return TritonModelNotReady(message, **details)
+    if code in ("INVALID_ARGUMENT", "400"):
+        return InvalidRequest(message, **details)
+    if code in ("DEADLINE_EXCEEDED", "504"):
+        return DeadlineExceeded(message, **details)
+    if code == "CANCELLED":
+        return Cancelled(message, **details)
+    if code in ("INTERNAL", "500"):
+        return OperatorError(message, **details)
+    if code == "UNAVAILABLE" or isinstance(exc, (ConnectionError, OSError)) or _is_aiohttp_connection_error(exc):
+        return TritonError(f"the Triton server is unavailable: {message}", reason="unavailable", **details)
+    return TritonError(message, **details)
+
+
+def _is_aiohttp_connection_error(exc: BaseException) -> bool:
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - http extra not installed
+        return False
+    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ServerDisconnectedError))
+
+
+def _is_local(url: str) -> bool:
+    host = url.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+# --------------------------------------------------------------------------------------------
+# System shared memory regions
+
+
+class _Region:
+    """One /dev/shm region (shm_open name ``/<name>``) mapped here and registered with the server."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self.key = "/" + name
+        self.size = size
+        path = f"/dev/shm/{name}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        os.close(fd)
+        self.path = path
+
+    def write(self, offset: int, array: np.ndarray) -> None:
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        np.frombuffer(self.map, dtype=np.uint8, count=data.size, offset=offset)[:] = data
+
+    def read(self, offset: int, dtype: np.dtype[Any], shape: Sequence[int]) -> np.ndarray:
+        count = math.prod(shape)
+        return np.frombuffer(self.map, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
+
+    def destroy(self) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self.map.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _size_class(n: int) -> int:
+    return max(_MIN_REGION, 1 << (max(n, 1) - 1).bit_length())
+
+
+def cleanup_stale_regions(prefix: str = "tdist_tshm_") -> int:
+    """Unlink /dev/shm regions left by killed tdist clients (their PID, in the name, is gone)."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/dev/shm"):
+            if not entry.startswith(prefix):
+                continue
+            try:
+                pid = int(entry[len(prefix):].split("_", 1)[0])
+            except ValueError:
+                continue
+            if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(f"/dev/shm/{entry}")
+                removed += 1
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# The client
+
+
+class TritonClient:
+    """``async with TritonClient("127.0.0.1:8001") as c: r = await c.infer("encoder", {"input": x})``.
+
+    ``url`` is ``host:port`` (tritonclient's form). ``protocol`` is ``grpc`` (default: faster here,
+    and a cancelled or timed-out call cancels the request in the server) or ``http``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        protocol: Protocol = "grpc",
+        shared_memory: SharedMemoryMode = "auto",
+        shm_threshold: int = 64 << 10,
+        shm_pool_bytes: int = 256 << 20,
+        timeout: float | None = None,
+    ) -> None:
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', not {protocol!r}")
+        if shared_memory not in ("off", "on", "auto"):
+            raise ValueError(f"shared_memory must be 'off', 'on' or 'auto', not {shared_memory!r}")
+        self.url = url
+        self.protocol = protocol
+        self.timeout = timeout
+        self.shm_threshold = 0 if shared_memory == "on" else shm_threshold
+        self.shm_enabled = shared_memory == "on" or (shared_memory == "auto" and _is_local(url))
+        self.shm_pool_bytes = shm_pool_bytes
+        if protocol == "grpc":
+            import tritonclient.grpc.aio as mod
+            from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
+
+            # tritonclient's own channel options (giving channel_args replaces all of them, and
+            # grpc's default 4 MiB receive limit would come back), plus: never route 127.0.0.1
+            # through an http_proxy from the environment.
+            keepalive = KeepAliveOptions()
+            channel_args = [
+                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+                ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+                ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+                ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+                ("grpc.enable_http_proxy", 0),
+            ]
+            self._client: Any = mod.InferenceServerClient(url, channel_args=channel_args)
+        else:
+            import tritonclient.http.aio as mod  # type: ignore[no-redef]
+
+            self._client = mod.InferenceServerClient(url)
+        self._mod: Any = mod
+        self._free: dict[int, list[_Region]] = {}
+        self._regions: dict[str, _Region] = {}
+        self._tainted: list[tuple[float, _Region]] = []
+        self._region_seq = 0
+        self._region_prefix = f"tdist_tshm_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self._output_sizes: dict[tuple[str, str], int] = {}
+        self._metadata: dict[str, list[tuple[str, str, list[int]]]] = {}
+        self._closed = False
+
+    async def __aenter__(self) -> TritonClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- health and metadata
+
+    async def is_server_ready(self) -> bool:
+        try:
+            return bool(await self._client.is_server_ready())
+        except Exception:  # noqa: BLE001 - not ready is the answer
+            return False
+
+    async def is_model_ready(self, model: str, version: str = "") -> bool:
+        try:
+            return bool(await self._client.is_model_ready(model, version))
+        except Exception:  # noqa: BLE001
+            return False
+
+    async def output_specs(self, model: str) -> list[tuple[str, str, list[int]]]:
+        """(name, datatype, shape) of the model's outputs, from its metadata (cached)."""
+        if model not in self._metadata:
+            try:
+                md = await self._client.get_model_metadata(model)
+            except Exception as exc:  # noqa: BLE001
+                raise map_triton_error(exc, model) from exc
+            if isinstance(md, dict):
+                outs = [(o["name"], o["datatype"], [int(d) for d in o.get("shape", [])]) for o in md["outputs"]]
+            else:
+                outs = [(o.name, o.datatype, [int(d) for d in o.shape]) for o in md.outputs]
+            self._metadata[model] = outs
+        return self._metadata[model]
+
+    # ---- inference
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        request_id: str = "",
+        model_version: str = "",
+        shared_memory: bool | None = None,
+    ) -> TritonResult:
+        """One inference. ``outputs`` None returns every output; ``parameters`` are Triton request
+        parameters (bool, int, float or str); ``timeout`` in seconds (client side; over gRPC the
+        server cancels the request too). ``shared_memory`` forces it on or off for this call."""
+        if self._closed:
+            raise TritonError("the Triton client is closed")
+        timeout = self.timeout if timeout is None else timeout
+        arrays = {name: np.asarray(value) for name, value in inputs.items()}
+        use_shm = self._want_shm(arrays) if shared_memory is None else (shared_memory and self._shm_ok(arrays))
+        try:
+            async with asyncio.timeout(timeout):
+                if use_shm:
+                    return await self._infer_shm(model, arrays, outputs, parameters, request_id, model_version)
+                return await self._infer_wire(model, arrays, outputs, parameters, request_id, model_version)
+        except TdistError:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise map_triton_error(exc, model) from exc
+
+    def _shm_ok(self, arrays: Mapping[str, np.ndarray]) -> bool:
+        return self.shm_enabled and all(a.dtype.kind in "biuf" for a in arrays.values())
+
+    def _want_shm(self, arrays: Mapping[str, np.ndarray]) -> bool:
+        return self._shm_ok(arrays) and sum(a.nbytes for a in arrays.values()) >= self.shm_threshold
+
+    def _infer_input(self, name: str, array: np.ndarray) -> Any:
+        from tritonclient.utils import np_to_triton_dtype
+
+        dtype = np_to_triton_dtype(array.dtype)
+        if dtype is None:
+            raise InvalidRequest(f"input '{name}' has a dtype Triton does not know: {array.dtype}", input=name)
+        inp = self._mod.InferInput(name, list(array.shape), dtype)
+        if self.protocol == "http":
+            inp.set_data_from_numpy(array, binary_data=True)
+        else:
+            inp.set_data_from_numpy(array)
+        return inp
+
+    def _requested(self, name: str) -> Any:
+        if self.protocol == "http":
+            return self._mod.InferRequestedOutput(name, binary_data=True)
+        return self._mod.InferRequestedOutput(name)
+
+    async def _call(self, model: str, inputs: list[Any], outputs: list[Any] | None, parameters: Mapping[str, Any] | None,
+                    request_id: str, model_version: str) -> Any:
+        return await self._client.infer(
+            model, inputs, model_version=model_version, outputs=outputs, request_id=request_id,
+            parameters=dict(parameters) if parameters else None,
+        )
+
+    async def _infer_wire(self, model: str, arrays: Mapping[str, np.ndarray], outputs: Sequence[str] | None,
+                          parameters: Mapping[str, Any] | None, request_id: str, model_version: str) -> TritonResult:
+        ins = [self._infer_input(name, a) for name, a in arrays.items()]
+        outs = [self._requested(n) for n in outputs] if outputs is not None else None
+        result = await self._call(model, ins, outs, parameters, request_id, model_version)
+        return self._result(model, result, outputs, {})
+
+    def _result(self, model: str, result: Any, outputs: Sequence[str] | None,
+                in_shm: Mapping[str, tuple[_Region, int]]) -> TritonResult:
+        from tritonclient.utils import triton_to_np_dtype
+
+        response = result.get_response()
+        if isinstance(response, dict):
+            names = [o["name"] for o in response.get("outputs", [])]
+            rid = response.get("id", "")
+            version = response.get("model_version", "")
+            params = dict(response.get("parameters", {}) or {})
+        else:
+            names = [o.name for o in response.outputs]
+            rid = response.id
+            version = response.model_version
+            params = {k: _grpc_param(v) for k, v in response.parameters.items()}
+        out: dict[str, np.ndarray] = {}
+        for name in names:
+            if name in in_shm:
+                region, offset = in_shm[name]
+                meta = result.get_output(name)
+                shape = meta["shape"] if isinstance(meta, dict) else list(meta.shape)
+                datatype = meta["datatype"] if isinstance(meta, dict) else meta.datatype
+                dtype = np.dtype(triton_to_np_dtype(datatype))
+                array = region.read(offset, dtype, [int(d) for d in shape])
+                self._output_sizes[(model, name)] = max(self._output_sizes.get((model, name), 0), array.nbytes)
+            else:
+                array = result.as_numpy(name)
+                if array is None:
+                    raise TritonError(f"Triton returned no data for output '{name}'", model=model)
+                self._output_sizes[(model, name)] = max(self._output_sizes.get((model, name), 0), array.nbytes)
+            out[name] = array
+        if outputs is not None:
+            missing = [n for n in outputs if n not in out]
+            if missing:
+                raise TritonError(f"Triton returned no output {missing}", model=model)
+        return TritonResult(model=model, outputs=out, request_id=rid, model_version=str(version), parameters=params)
+
+    async def _infer_shm(self, model: str, arrays: Mapping[str, np.ndarray], outputs: Sequence[str] | None,
+                         parameters: Mapping[str, Any] | None, request_id: str, model_version: str) -> TritonResult:
+        from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
+
+        known = {name: (dt, shape) for name, dt, shape in await self.output_specs(model)}
+        names = list(known) if outputs is None else list(outputs)
+        in_bytes = sum(a.nbytes for a in arrays.values())
+        # Output regions only for fixed-size dtypes. Size: exact when the shape is fixed, else the
+        # largest seen so far, else the request's input bytes. (Unknown names: the server will say.)
+        out_guess: dict[str, int] = {}
+        for name in names:
+            dt, shape = known.get(name, ("BYTES", []))
+            np_dtype = triton_to_np_dtype(dt) if dt != "BYTES" else None
+            if np_dtype is None or np.dtype(np_dtype).kind not in "biuf":
+                continue
+            itemsize = np.dtype(np_dtype).itemsize
+            if shape and all(d >= 0 for d in shape):
+                out_guess[name] = itemsize * math.prod(shape)
+            else:
+                out_guess[name] = max(self._output_sizes.get((model, name), in_bytes), itemsize)
+        for attempt in range(3):
+            layout: dict[str, int] = {}
+            offset = 0
+            for name, a in arrays.items():
+                layout["in:" + name] = offset
+                offset = _align(offset + a.nbytes)
+            for name, size in out_guess.items():
+                layout["out:" + name] = offset
+                offset = _align(offset + max(size, 1))
+            region = await self._acquire(offset)
+            if region is None:  # pool exhausted or registration refused: plain gRPC/HTTP
+                return await self._infer_wire(model, arrays, outputs, parameters, request_id, model_version)
+            clean = False
+            try:
+                ins = []
+                for name, a in arrays.items():
+                    if a.nbytes == 0:  # Triton refuses a zero-byte shared-memory input
+                        ins.append(self._infer_input(name, a))
+                        continue
+                    region.write(layout["in:" + name], a)
+                    inp = self._mod.InferInput(name, list(a.shape), np_to_triton_dtype(a.dtype))
+                    inp.set_shared_memory(region.name, a.nbytes, layout["in:" + name])
+                    ins.append(inp)
+                outs = []
+                for name in names:
+                    o = self._requested(name)
+                    if name in out_guess:
+                        o.set_shared_memory(region.name, max(out_guess[name], 1), layout["out:" + name])
+                    outs.append(o)
+                try:
+                    result = await self._call(model, ins, outs, parameters, request_id, model_version)
+                except Exception as exc:  # noqa: BLE001
+                    _, message = _status_and_message(exc)
+                    low = message.lower()
+                    clean = True  # the server answered: it no longer touches the region
+                    if _SHM_TOO_SMALL in low and attempt < 2:
+                        # learn the size from the message, else send the outputs over the wire
+                        learned = False
+                        for name in list(out_guess):
+                            need = _needed_bytes(message, name)
+                            if need is not None:
+                                self._output_sizes[(model, name)] = need
+                                out_guess[name] = need
+                                learned = True
+                        if not learned:
+                            out_guess = {}
+                        continue
+                    if _SHM_REGION_MISSING in low:
+                        # the server forgot our regions (it restarted): drop them all and go over the wire
+                        self._forget_regions()
+                        return await self._infer_wire(model, arrays, outputs, parameters, request_id, model_version)
+                    raise
+                clean = True
+                in_shm = {name: (region, layout["out:" + name]) for name in out_guess}
+                return self._result(model, result, outputs, in_shm)
+            finally:
+                self._release(region, clean)
+        return await self._infer_wire(model, arrays, outputs, parameters, request_id, model_version)
+
+    # ---- region pool
+
+    async def _acquire(self, nbytes: int) -> _Region | None:
+        self._purge_tainted()
+        size = _size_class(nbytes)
+        free = self._free.get(size)
+        if free:
+            return free.pop()
+        total = sum(r.size for r in self._regions.values())
+        if total + size > self.shm_pool_bytes:
+            # make room by dropping free regions of other sizes
+            for cls in sorted(self._free, reverse=True):
+                while self._free[cls] and total + size > self.shm_pool_bytes:
+                    r = self._free[cls].pop()
+                    total -= r.size
+                    await self._destroy(r)
+            if total + size > self.shm_pool_bytes:
+                return None
+        self._region_seq += 1
+        try:
+            region = _Region(f"{self._region_prefix}{self._region_seq}", size)
+        except OSError:
+            return None
+        try:
+            await self._client.register_system_shared_memory(region.name, region.key, region.size)
+        except Exception as exc:  # noqa: BLE001
+            region.destroy()
+            _, message = _status_and_message(exc)
+            if "unavailable" in message.lower() or "connect" in message.lower():
+                raise map_triton_error(exc) from exc
+            self.shm_enabled = False  # the server cannot map our /dev/shm (another host or container)
+            return None
+        self._regions[region.name] = region
+        return region
+
+    def _release(self, region: _Region, clean: bool) -> None:
+        if region.name not in self._regions:
+            return
+        if clean:
+            self._free.setdefault(region.size, []).append(region)
+        else:
+            # cancelled or timed out: the server may still write into it; keep it out of use a while
+            self._tainted.append((time.monotonic(), region))
+
+    def _purge_tainted(self, grace: float = 60.0) -> None:
+        now = time.monotonic()
+        keep = []
+        for t, region in self._tainted:
+            if now - t > grace:
+                self._free.setdefault(region.size, []).append(region)
+            else:
+                keep.append((t, region))
+        self._tainted = keep
+
+    async def _destroy(self, region: _Region) -> None:
+        self._regions.pop(region.name, None)
+        with contextlib.suppress(Exception):
+            await self._client.unregister_system_shared_memory(region.name)
+        region.destroy()
+
+    def _forget_regions(self) -> None:
+        for region in self._regions.values():
+            region.destroy()
+        self._regions.clear()
+        self._free.clear()
+        self._tainted.clear()
+
+    async def close(self) -> None:
+        """Unregister and remove the shared-memory regions, close the connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for region in list(self._regions.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.unregister_system_shared_memory(region.name), 2.0)
+            region.destroy()
+        self._regions.clear()
+        self._free.clear()
+        self._tainted.clear()
+        with contextlib.suppress(Exception):
+            await self._client.close()
+
+
+def _needed_bytes(message: str, output: str) -> int | None:
+    """From "... for output 'X' (8 bytes) should be at least 24 bytes ...", the 24 when X is ``output``."""
+    if f"'{output}'" not in message:
+        return None
+    tail = message.split("should be at least", 1)[-1].split()
+    try:
+        return int(tail[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _grpc_param(value: Any) -> Any:
+    kind = value.WhichOneof("parameter_choice")
+    return getattr(value, kind) if kind else None
+
+
+__all__ = ["TritonClient", "TritonResult", "cleanup_stale_regions", "map_triton_error"]

@@ -1,0 +1,861 @@
+"""A Triton Inference Server process beside the caller.
+
+On this platform the in-process ``tritonserver`` API cannot run (it needs CPython 3.12 and the NGC
+container's libraries), so a worker runs the ``tritonserver`` binary bundled in the PyPI package
+``nvidia-pytriton`` as its child process and talks to it over HTTP/gRPC on 127.0.0.1
+(reference/platform-facts.md, section 4). This module hides the traps:
+
+* the binary's libraries live in ``site-packages/nvidia_pytriton.libs`` (LD_LIBRARY_PATH);
+* the python backend's stub for the running Python version must sit in the backend's directory,
+  so the backends are laid out in a scratch directory with the right stub linked in;
+* the stub links ``libpython3.X.so.1.0``: LD_LIBRARY_PATH must name the running interpreter's
+  own LIBDIR (else it may load another patch release of libpython and crash at start);
+* the stub ignores PYTHONPATH and needs numpy<2 while the main venv has numpy>=2 (ucxx): a small
+  "stub site" holding numpy<2 (``ensure_stub_site``) is handed to the models through
+  ``TDIST_TRITON_PYTHONPATH``, which the hello-world ``model.py`` files put first on sys.path;
+* the python backend's shared-memory regions are named with a prefix unique to each server
+  start, so that two servers never collide and the regions (and any stub left behind) of a
+  killed server can be cleaned up.
+
+The child dies with its parent even on SIGKILL of the parent (``prctl(PR_SET_PDEATHSIG)``), is
+ready only when ``/v2/health/ready`` answers 200 (no fixed sleeps), runs in
+``--model-control-mode=explicit`` with metrics off, and stops with SIGTERM, then SIGKILL, by PID.
+
+Linux only. PR_SET_PDEATHSIG fires when the *thread* that started the child exits: call
+``start()``/``astart()`` from a thread that lives as long as the server (the main thread, or the
+event loop's thread); ``astart()`` starts the process in the loop's thread for that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import ctypes
+import fcntl
+import http.client
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tdist.errors import TritonError, TritonModelNotReady
+
+TRITON_PYTHONPATH_ENV = "TDIST_TRITON_PYTHONPATH"
+"""The models put this variable's directories first on sys.path before importing numpy."""
+
+TRITON_HOME_ENV = "TDIST_TRITON_HOME"
+"""A Triton install with ``bin/tritonserver`` and ``backends/`` (e.g. ``/opt/tritonserver``)."""
+
+STUB_SITE_ENV = "TDIST_TRITON_STUB_SITE"
+"""Overrides the default stub-site directory."""
+
+STUB_SITE_REQUIREMENTS: tuple[str, ...] = ("numpy<2",)
+"""What the python-backend stub of nvidia-pytriton needs beside the interpreter's stdlib."""
+
+_PR_SET_PDEATHSIG = 1
+_STUB_NAME = "triton_python_backend_stub"
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the binary
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    """Where a ``tritonserver`` binary and what it needs are."""
+
+    binary: Path
+    backends: Path
+    """The backends directory as shipped (for nvidia-pytriton: without a stub in ``python/``)."""
+    lib_dirs: tuple[Path, ...] = ()
+    """Added to LD_LIBRARY_PATH."""
+    python_stub: Path | None = None
+    """The python-backend stub to link into ``backends/python`` (None: the backends have one)."""
+    source: str = "pytriton"
+    """``pytriton`` (the nvidia-pytriton wheel) or ``home`` (a plain Triton install)."""
+
+
+def _pytriton_installation() -> TritonInstallation | None:
+    try:
+        spec = importlib.util.find_spec("pytriton")  # does not import the package
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        root = Path(location) / "tritonserver"
+        binary = root / "bin" / "tritonserver"
+        if not binary.is_file():
+            continue
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = root / "python_backend_stubs" / version / _STUB_NAME
+        if not stub.is_file():
+            raise TritonError(
+                f"nvidia-pytriton has no python-backend stub for Python {version}", stubs=str(stub.parent.parent)
+            )
+        libs = Path(location).parent / "nvidia_pytriton.libs"
+        return TritonInstallation(
+            binary=binary,
+            backends=root / "backends",
+            lib_dirs=(libs,) if libs.is_dir() else (),
+            python_stub=stub,
+            source="pytriton",
+        )
+    return None
+
+
+def _home_installation(home: Path) -> TritonInstallation:
+    binary = home / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise TritonError("no bin/tritonserver in the Triton home", home=str(home))
+    lib = home / "lib"
+    return TritonInstallation(
+        binary=binary, backends=home / "backends", lib_dirs=(lib,) if lib.is_dir() else (), source="home"
+    )
+
+
+def find_triton(home: str | os.PathLike[str] | None = None) -> TritonInstallation:
+    """``home`` (a Triton install dir), ``$TDIST_TRITON_HOME``, the ``nvidia-pytriton`` wheel, then
+    ``/opt/tritonserver`` (the NGC container). Raises :class:`TritonError` if none is there."""
+    if home is not None:
+        return _home_installation(Path(home))
+    env = os.environ.get(TRITON_HOME_ENV)
+    if env:
+        return _home_installation(Path(env))
+    found = _pytriton_installation()
+    if found is not None:
+        return found
+    if Path("/opt/tritonserver/bin/tritonserver").is_file():
+        return _home_installation(Path("/opt/tritonserver"))
+    raise TritonError(
+        "tritonserver not found: install the nvidia-pytriton wheel (pip install --no-deps nvidia-pytriton) "
+        f"or set {TRITON_HOME_ENV}"
+    )
+
+
+def libpython_dirs() -> list[Path]:
+    """Directories holding the running interpreter's own ``libpython3.X.so.1.0`` (first: LIBDIR)."""
+    soname = sysconfig.get_config_var("INSTSONAME") or f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    candidates = [Path(libdir), Path(libdir) / multiarch] if libdir else []
+    found: list[Path] = []
+    for d in candidates:
+        if (d / soname).exists() and d not in found:
+            found.append(d)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# The stub site (numpy<2 for the python-backend stub)
+
+
+def default_stub_site() -> Path:
+    """``$TDIST_TRITON_STUB_SITE`` or ``<sys.prefix>/share/tdist/triton-stub-site-py3X``."""
+    env = os.environ.get(STUB_SITE_ENV)
+    if env:
+        return Path(env)
+    return Path(sys.prefix) / "share" / "tdist" / f"triton-stub-site-py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def _stub_site_marker(requirements: tuple[str, ...]) -> dict[str, Any]:
+    return {"requirements": list(requirements), "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+
+
+def stub_site_ok(path: str | os.PathLike[str], requirements: tuple[str, ...] = STUB_SITE_REQUIREMENTS) -> bool:
+    marker = Path(path) / ".tdist-stub-site.json"
+    try:
+        return json.loads(marker.read_text()) == _stub_site_marker(requirements)
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_stub_site(
+    path: str | os.PathLike[str] | None = None,
+    requirements: tuple[str, ...] = STUB_SITE_REQUIREMENTS,
+    *,
+    timeout: float = 600.0,
+) -> Path:
+    """Make ``path`` (default :func:`default_stub_site`) a directory holding ``requirements``
+    (``pip install --target``) for the running Python version; idempotent and safe to run from
+    several processes at once. Returns the path. Raises :class:`TritonError` if pip fails."""
+    site = Path(path) if path is not None else default_stub_site()
+    if stub_site_ok(site, requirements):
+        return site
+    site.parent.mkdir(parents=True, exist_ok=True)
+    with open(site.parent / f".{site.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stub_site_ok(site, requirements):
+            return site
+        tmp = Path(tempfile.mkdtemp(prefix=f".{site.name}-", dir=site.parent))
+        try:
+            cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                   "--no-warn-conflicts", "--no-input", "--target", str(tmp), *requirements]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired as exc:
+                raise TritonError("pip did not finish building the stub site", path=str(site), timeout=timeout) from exc
+            if done.returncode != 0:
+                raise TritonError(
+                    "pip could not build the stub site", path=str(site), command=" ".join(cmd),
+                    output=(done.stdout + done.stderr)[-2000:],
+                )
+            (tmp / ".tdist-stub-site.json").write_text(json.dumps(_stub_site_marker(requirements)))
+            if site.exists():
+                shutil.rmtree(site)
+            os.rename(tmp, site)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return site
+
+
+# --------------------------------------------------------------------------------------------
+# Model configuration overrides
+
+
+def read_model_config(repository: str | os.PathLike[str], name: str) -> dict[str, Any]:
+    """``<repository>/<name>/config.pbtxt`` as the JSON dict Triton's repository API takes
+    (protobuf field names; needs ``protobuf`` and ``tritonclient[grpc]`` for the schema)."""
+    path = Path(repository) / name / "config.pbtxt"
+    try:
+        from google.protobuf import json_format, text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as exc:
+        raise TritonError("config overrides need tritonclient[grpc] (protobuf and Triton's model_config schema)") from exc
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TritonModelNotReady(f"model '{name}' has no config.pbtxt in the repository", path=str(path)) from exc
+    try:
+        message = text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise TritonError(f"cannot parse config.pbtxt of model '{name}': {exc}", path=str(path)) from exc
+    config = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    config["name"] = name
+    return config
+
+
+def normalize_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy of ``overrides``; plain values under ``parameters`` become ``{"string_value": str(v)}``
+    (``{"delay": 0.1}`` means ``{"delay": {"string_value": "0.1"}}``)."""
+    out = copy.deepcopy(dict(overrides))
+    params = out.get("parameters")
+    if isinstance(params, Mapping):
+        out["parameters"] = {
+            str(k): (dict(v) if isinstance(v, Mapping) else {"string_value": _param_str(v)}) for k, v in params.items()
+        }
+    return out
+
+
+def _param_str(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else (lists included) replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The server process
+
+
+@dataclass(frozen=True)
+class TritonServerOptions:
+    model_repository: str
+    host: str = "127.0.0.1"
+    http_port: int = 0
+    """0 picks a free port."""
+    grpc_port: int = 0
+    """0 picks a free port."""
+    log_file: str | None = None
+    """Triton's stdout and stderr; a file in the server's scratch directory when None."""
+    log_verbose: int = 0
+    stub_site: str | None = None
+    """Directory handed to the models as TDIST_TRITON_PYTHONPATH. None: the default stub site when
+    the binary comes from nvidia-pytriton (built on first start), nothing otherwise. "": none."""
+    exit_timeout: int = 5
+    """Seconds Triton waits for in-flight requests after SIGTERM (``--exit-timeout-secs``)."""
+    python_shm_default_byte_size: int = 4 << 20
+    python_shm_growth_byte_size: int = 4 << 20
+    cuda_memory: bool | None = None
+    """Pinned and CUDA memory pools; None: only when an NVIDIA device node exists."""
+    triton_home: str | None = None
+    """A plain Triton install instead of the nvidia-pytriton wheel (see :func:`find_triton`)."""
+    extra_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Extra environment variables for the server and its model stubs."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _port_free(host: str, port: int) -> bool:
+    if not port:
+        return False
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+_libc: Any = None
+
+
+def _load_libc() -> Any:
+    global _libc
+    if _libc is None and sys.platform.startswith("linux"):
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _die_with_parent(parent_pid: int, libc: Any) -> Any:
+    """preexec_fn: SIGKILL this child when the thread that forked it dies."""
+
+    def preexec() -> None:
+        if libc is not None:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def _connect_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+_BIND_FAILURES = ("already in use", "Failed to listen", "failed to start HTTP", "failed to start GRPC", "Address in use")
+
+
+class TritonServer:
+    """One ``tritonserver`` child process. ``start()``/``astart()``, ``load_model()``/``aload_model()``,
+    ``stop()``/``astop()`` (idempotent), ``is_alive()``, ``crashed``, ``wait_exit()``, ``restart()``."""
+
+    def __init__(self, options: TritonServerOptions | None = None, **kwargs: Any) -> None:
+        if options is None:
+            options = TritonServerOptions(**kwargs)
+        elif kwargs:
+            raise TypeError("give either options or keyword arguments")
+        self.options = options
+        self.installation: TritonInstallation | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._workdir: Path | None = None
+        self._log_path: Path | None = None
+        self._prefix = ""
+        self._stopping = False
+        self._starts = 0
+        self.http_port = options.http_port
+        self.grpc_port = options.grpc_port
+        self._models: dict[str, dict[str, Any] | None] = {}
+        """Models loaded through this object, with their overrides: reloaded by ``restart()``."""
+
+    # ---- state
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def http_address(self) -> str:
+        """``host:port`` of the HTTP endpoint (tritonclient's URL form)."""
+        return f"{_connect_host(self.options.host)}:{self.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        """``host:port`` of the gRPC endpoint (tritonclient's URL form)."""
+        return f"{_connect_host(self.options.host)}:{self.grpc_port}"
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def crashed(self) -> bool:
+        """The process exited without ``stop()`` being asked (killed, crashed)."""
+        return self._proc is not None and not self._stopping and self._proc.poll() is not None
+
+    def check(self) -> None:
+        """Raise :class:`TritonError` if the server crashed (or was never started)."""
+        if self._proc is None:
+            raise TritonError("the Triton server is not running")
+        if self.crashed:
+            raise TritonError(
+                "the Triton server exited", pid=self._proc.pid, returncode=self._proc.returncode, log=self.log_tail()
+            )
+
+    def log_tail(self, chars: int = 2000) -> str:
+        if self._log_path is None:
+            return ""
+        try:
+            with open(self._log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - chars))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def loaded_models(self) -> dict[str, dict[str, Any] | None]:
+        return dict(self._models)
+
+    async def wait_exit(self) -> int:
+        """Resolves with the return code when the process exits (a pidfd on Linux, else polling)."""
+        proc = self._proc
+        if proc is None:
+            raise TritonError("the Triton server is not running")
+        if proc.poll() is not None:
+            return int(proc.returncode)
+        loop = asyncio.get_running_loop()
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            fd = -1
+        if fd >= 0:
+            exited = loop.create_future()
+            loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+            try:
+                if proc.poll() is None:
+                    await exited
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+        while proc.poll() is None:
+            await asyncio.sleep(0.05)
+        return int(proc.returncode)
+
+    # ---- start
+
+    def start(self, timeout: float = 120.0) -> TritonServer:
+        """Start and wait until ``/v2/health/ready`` answers 200; raise :class:`TritonError` otherwise."""
+        if self.is_alive():
+            return self
+        deadline = time.monotonic() + timeout
+        for attempt in range(3):
+            self._launch(fresh_ports=attempt > 0)
+            try:
+                while True:
+                    if self._poll_ready():
+                        return self
+                    if time.monotonic() > deadline:
+                        raise TritonError("the Triton server was not ready in time", timeout=timeout, log=self.log_tail())
+                    time.sleep(0.05)
+            except _BindFailed as failed:
+                self._cleanup()
+                if attempt == 2:
+                    raise TritonError("the Triton server could not bind its ports", log=failed.log) from None
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    async def astart(self, timeout: float = 120.0) -> TritonServer:
+        """``start()`` for asyncio: the process starts in the loop's thread, readiness is polled without blocking."""
+        if self.is_alive():
+            return self
+        deadline = time.monotonic() + timeout
+        for attempt in range(3):
+            if self._needs_stub_site_build():
+                await asyncio.to_thread(ensure_stub_site, self._stub_site())
+            self._launch(fresh_ports=attempt > 0)
+            try:
+                while True:
+                    if await asyncio.to_thread(self._poll_ready):
+                        return self
+                    if time.monotonic() > deadline:
+                        raise TritonError("the Triton server was not ready in time", timeout=timeout, log=self.log_tail())
+                    await asyncio.sleep(0.05)
+            except _BindFailed as failed:
+                self._cleanup()
+                if attempt == 2:
+                    raise TritonError("the Triton server could not bind its ports", log=failed.log) from None
+            except BaseException:
+                await asyncio.to_thread(self.stop)
+                raise
+        raise AssertionError("unreachable")
+
+    def _stub_site(self) -> str | None:
+        o = self.options
+        if o.stub_site is not None:
+            return o.stub_site or None
+        assert self.installation is not None
+        if self.installation.source != "pytriton":
+            return None
+        return str(default_stub_site())
+
+    def _needs_stub_site_build(self) -> bool:
+        if self.installation is None:
+            self.installation = find_triton(self.options.triton_home)
+        site = self._stub_site()
+        return site is not None and self.options.stub_site is None and not stub_site_ok(site)
+
+    def _prepare_backends(self, workdir: Path) -> Path:
+        inst = self.installation
+        assert inst is not None
+        if inst.python_stub is None:
+            return inst.backends
+        backends = workdir / "backends"
+        for src in inst.backends.iterdir():
+            if not src.is_dir():
+                continue
+            dst = backends / src.name
+            dst.mkdir(parents=True)
+            for f in src.iterdir():
+                if f.is_file():
+                    (dst / f.name).symlink_to(f)
+        python = backends / "python"
+        python.mkdir(parents=True, exist_ok=True)
+        stub = python / _STUB_NAME
+        if stub.is_symlink() or stub.exists():
+            stub.unlink()
+        stub.symlink_to(inst.python_stub)
+        return backends
+
+    def _environment(self, stub_site: str | None) -> dict[str, str]:
+        inst = self.installation
+        assert inst is not None
+        env = dict(os.environ)
+        env.update(self.options.env)
+        dirs = [str(d) for d in inst.lib_dirs]
+        if inst.python_stub is not None:
+            found = libpython_dirs()
+            if not found:
+                soname = sysconfig.get_config_var("INSTSONAME") or "libpython3.X.so.1.0"
+                raise TritonError(
+                    f"the python-backend stub needs this interpreter's {soname}, which is not in its LIBDIR: "
+                    "use a Python built with --enable-shared (on Debian: apt-get install libpython3.11)",
+                    libdir=sysconfig.get_config_var("LIBDIR"),
+                )
+            dirs += [str(d) for d in found]
+        if env.get("LD_LIBRARY_PATH"):
+            dirs.append(env["LD_LIBRARY_PATH"])
+        if dirs:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(dirs)
+        if stub_site:
+            env[TRITON_PYTHONPATH_ENV] = stub_site
+        else:
+            env.pop(TRITON_PYTHONPATH_ENV, None)
+        return env
+
+    def _command(self, backends: Path) -> list[str]:
+        o = self.options
+        inst = self.installation
+        assert inst is not None
+        cuda = o.cuda_memory if o.cuda_memory is not None else os.path.exists("/dev/nvidiactl")
+        cmd = [
+            str(inst.binary),
+            f"--model-repository={Path(o.model_repository).resolve()}",
+            f"--backend-directory={backends}",
+            "--model-control-mode=explicit",
+            f"--http-address={o.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={o.host}",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=false",
+            "--strict-readiness=true",
+            f"--exit-timeout-secs={int(o.exit_timeout)}",
+            f"--log-verbose={int(o.log_verbose)}",
+            f"--backend-config=python,shm-region-prefix-name={self._prefix}",
+            f"--backend-config=python,shm-default-byte-size={int(o.python_shm_default_byte_size)}",
+            f"--backend-config=python,shm-growth-byte-size={int(o.python_shm_growth_byte_size)}",
+        ]
+        if not cuda:
+            cmd += ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
+        cmd += list(o.extra_args)
+        return cmd
+
+    def _launch(self, fresh_ports: bool = False) -> None:
+        o = self.options
+        if self.installation is None:
+            self.installation = find_triton(o.triton_home)
+        if not Path(o.model_repository).is_dir():
+            raise TritonError("the model repository is not a directory", model_repository=o.model_repository)
+        stub_site = self._stub_site()
+        if stub_site is not None and o.stub_site is None:
+            ensure_stub_site(stub_site)
+        self._cleanup()
+        self._stopping = False
+        self._starts += 1
+        self._workdir = Path(tempfile.mkdtemp(prefix="tdist-triton-"))
+        # Unique per start: names the python backend's /dev/shm regions and its stubs' command lines.
+        self._prefix = f"tdist_triton_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        # Free ports when asked for 0; a restart keeps the previous ones if they are still free.
+        if not o.http_port:
+            self.http_port = self.http_port if fresh_ports is False and _port_free(o.host, self.http_port) else free_port(o.host)
+        if not o.grpc_port:
+            self.grpc_port = self.grpc_port if fresh_ports is False and _port_free(o.host, self.grpc_port) else 0
+            while not self.grpc_port or self.grpc_port == self.http_port:
+                self.grpc_port = free_port(o.host)
+        backends = self._prepare_backends(self._workdir)
+        env = self._environment(stub_site)
+        self._log_path = Path(o.log_file) if o.log_file else self._workdir / "triton.log"
+        libc = _load_libc()
+        with open(self._log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                self._command(backends),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(self._workdir),
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which stops Triton
+                preexec_fn=_die_with_parent(os.getpid(), libc),  # noqa: PLW1509 - only a prctl call
+            )
+
+    def _poll_ready(self) -> bool:
+        """One readiness probe; raises :class:`TritonError` (or _BindFailed) if the process exited."""
+        proc = self._proc
+        if proc is None:
+            raise TritonError("the Triton server is not running")
+        if proc.poll() is not None:
+            tail = self.log_tail(4000)
+            if (not self.options.http_port or not self.options.grpc_port) and any(s in tail for s in _BIND_FAILURES):
+                raise _BindFailed(tail[-2000:])
+            raise TritonError("the Triton server exited while starting", returncode=proc.returncode, log=tail[-2000:])
+        try:
+            status, _ = self._http("GET", "/v2/health/ready", timeout=2.0)
+        except OSError:
+            return False
+        return status == 200
+
+    # ---- HTTP control calls (http.client: no proxy settings apply to 127.0.0.1 calls)
+
+    def _http(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(_connect_host(self.options.host), self.http_port, timeout=timeout)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def _control(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> bytes:
+        self.check()
+        try:
+            status, data = self._http(method, path, body, timeout)
+        except OSError as exc:
+            if not self.is_alive():
+                self.check()
+            raise TritonError(f"the Triton server did not answer {method} {path}: {exc}", reason="unavailable") from exc
+        if status != 200:
+            try:
+                message = json.loads(data).get("error", "")
+            except ValueError:
+                message = data.decode(errors="replace")
+            raise TritonError(f"{method} {path} failed: {message}", status=status)
+        return data
+
+    # ---- models
+
+    def model_config_for(self, name: str, overrides: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """The full configuration sent with a load: config.pbtxt merged with ``overrides`` (None: none)."""
+        if not overrides:
+            return None
+        return merge_config(read_model_config(self.options.model_repository, name), normalize_overrides(overrides))
+
+    def load_model(self, name: str, overrides: Mapping[str, Any] | None = None, timeout: float = 300.0) -> None:
+        """Load (or reload) ``name`` from the repository. ``overrides`` is merged into its
+        config.pbtxt, e.g. ``{"instance_group": [{"count": 2, "kind": "KIND_CPU"}],
+        "parameters": {"delay": "0.001", "input_copies": "3"}}``. Raises :class:`TritonError`."""
+        config = self.model_config_for(name, overrides)
+        body = {"parameters": {"config": json.dumps(config)}} if config is not None else None
+        try:
+            self._control("POST", f"/v2/repository/models/{name}/load", body or {}, timeout=timeout)
+        except TritonError as exc:
+            raise TritonError(f"loading model '{name}' failed: {exc.message}", model=name, **exc.details) from None
+        self._models[name] = dict(overrides) if overrides else None
+
+    def unload_model(self, name: str, timeout: float = 60.0) -> None:
+        self._models.pop(name, None)
+        self._control("POST", f"/v2/repository/models/{name}/unload", {}, timeout=timeout)
+
+    def model_ready(self, name: str) -> bool:
+        if not self.is_alive():
+            return False
+        try:
+            status, _ = self._http("GET", f"/v2/models/{name}/ready", timeout=5.0)
+        except OSError:
+            return False
+        return status == 200
+
+    def model_config(self, name: str) -> dict[str, Any]:
+        """The configuration the server runs ``name`` with."""
+        try:
+            return dict(json.loads(self._control("GET", f"/v2/models/{name}/config")))
+        except TritonError as exc:
+            if exc.details.get("status") == 400:
+                raise TritonModelNotReady(f"model '{name}' is not loaded", model=name) from None
+            raise
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        return list(json.loads(self._control("POST", "/v2/repository/index", {})))
+
+    async def aload_model(self, name: str, overrides: Mapping[str, Any] | None = None, timeout: float = 300.0) -> None:
+        await asyncio.to_thread(self.load_model, name, overrides, timeout)
+
+    async def aunload_model(self, name: str, timeout: float = 60.0) -> None:
+        await asyncio.to_thread(self.unload_model, name, timeout)
+
+    # ---- stop and restart
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout`` (default: exit_timeout + 5 s), by PID; then
+        remove the stubs and shared memory a killed server left. Idempotent; returns the exit code."""
+        proc = self._proc
+        self._stopping = True
+        code: int | None = None
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout if timeout is not None else self.options.exit_timeout + 5.0)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            code = proc.returncode
+        self._cleanup()
+        self._proc = None
+        return code
+
+    async def astop(self, timeout: float | None = None) -> int | None:
+        return await asyncio.to_thread(self.stop, timeout)
+
+    def restart(self, timeout: float = 120.0) -> TritonServer:
+        """Stop (if needed), start again on the same ports when possible, and reload the models
+        loaded through this object with their overrides."""
+        models = dict(self._models)
+        self.stop()
+        self.start(timeout)
+        for name, overrides in models.items():
+            self.load_model(name, overrides)
+        return self
+
+    async def arestart(self, timeout: float = 120.0) -> TritonServer:
+        models = dict(self._models)
+        await self.astop()
+        await self.astart(timeout)
+        for name, overrides in models.items():
+            await self.aload_model(name, overrides)
+        return self
+
+    def _cleanup(self) -> None:
+        """After the process is gone: kill stubs it left, unlink its shared memory, remove its scratch
+        dir (with the log, when no log_file was given: a crashed server's log stays readable until
+        the next ``start()`` or ``stop()``)."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        if self._prefix:
+            for pid in _stub_pids(self._prefix):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                for entry in os.listdir("/dev/shm"):
+                    if entry.startswith(self._prefix):
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join("/dev/shm", entry))
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    # ---- context managers
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> TritonServer:
+        return await self.astart()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.astop()
+
+
+class _BindFailed(Exception):
+    def __init__(self, log: str) -> None:
+        super().__init__("bind failed")
+        self.log = log
+
+
+def _stub_pids(prefix: str) -> list[int]:
+    """PIDs of python-backend stubs whose command line names one of this server's shm regions."""
+    pids: list[int] = []
+    needle = prefix.encode()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return pids
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(_STUB_NAME.encode()) and any(a.startswith(needle) for a in argv[1:]):
+            pids.append(int(entry))
+    return pids
+
+
+__all__ = [
+    "STUB_SITE_REQUIREMENTS",
+    "TRITON_PYTHONPATH_ENV",
+    "TritonInstallation",
+    "TritonServer",
+    "TritonServerOptions",
+    "default_stub_site",
+    "ensure_stub_site",
+    "find_triton",
+    "free_port",
+    "merge_config",
+    "normalize_overrides",
+    "read_model_config",
+    "stub_site_ok",
+]
