@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from tdist.errors import (
 )
 from tdist.triton import TritonServer, find_triton
 from tdist.triton.server import (
+    _pid_alive,
     _stub_pids,
     default_stub_site,
     ensure_stub_site,
@@ -314,19 +316,20 @@ def test_triton_dies_with_its_parent(tmp_path: Path) -> None:
         server = TritonServer(model_repository={str(REPO)!r})
         server.start()
         server.load_model("encoder")
-        print(json.dumps({{"pid": server.pid, "prefix": server._prefix}}), flush=True)
+        print(json.dumps({{"pid": server.pid, "prefix": server._prefix, "workdir": str(server._workdir)}}), flush=True)
         time.sleep(600)
         """
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     child_pid = None
     prefix = ""
+    workdir = ""
     try:
         assert parent.stdout is not None
         line = parent.stdout.readline()
         assert line, "the parent did not start Triton"
         info = json.loads(line)
-        child_pid, prefix = info["pid"], info["prefix"]
+        child_pid, prefix, workdir = info["pid"], info["prefix"], info["workdir"]
         assert _alive(child_pid)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(30)
@@ -348,12 +351,10 @@ def test_triton_dies_with_its_parent(tmp_path: Path) -> None:
             for entry in os.listdir("/dev/shm"):
                 if entry.startswith(prefix):
                     os.unlink(f"/dev/shm/{entry}")
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
     """True while the process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return _pid_alive(pid)

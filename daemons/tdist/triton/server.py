@@ -617,7 +617,8 @@ class TritonServer:
         self._cleanup()
         self._stopping = False
         self._starts += 1
-        self._workdir = Path(tempfile.mkdtemp(prefix="tdist-triton-"))
+        cleanup_stale()
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"tdist-triton-{os.getpid()}-"))
         # Unique per start: names the python backend's /dev/shm regions and its stubs' command lines.
         self._prefix = f"tdist_triton_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         # Free ports when asked for 0; a restart keeps the previous ones if they are still free.
@@ -823,6 +824,42 @@ class _BindFailed(Exception):
         self.log = log
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def cleanup_stale() -> int:
+    """Remove what servers of SIGKILLed parents left: scratch dirs ``<tmp>/tdist-triton-<pid>-*``
+    and python-backend shared memory ``/dev/shm/tdist_triton_<pid>_*`` whose ``<pid>`` is gone.
+    Runs at every start; returns how many entries it removed."""
+    removed = 0
+    for base, prefix, sep in ((tempfile.gettempdir(), "tdist-triton-", "-"), ("/dev/shm", "tdist_triton_", "_")):
+        try:
+            entries = os.listdir(base)
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.startswith(prefix):
+                continue
+            pid_text = entry[len(prefix):].split(sep, 1)[0]
+            if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+                continue
+            path = os.path.join(base, entry)
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def _stub_pids(prefix: str) -> list[int]:
     """PIDs of python-backend stubs whose command line names one of this server's shm regions."""
     pids: list[int] = []
@@ -850,6 +887,7 @@ __all__ = [
     "TritonInstallation",
     "TritonServer",
     "TritonServerOptions",
+    "cleanup_stale",
     "default_stub_site",
     "ensure_stub_site",
     "find_triton",

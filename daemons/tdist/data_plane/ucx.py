@@ -1,0 +1,226 @@
+"""The UCX transport (through ucxx): point-to-point pulls between processes.
+
+Addressing uses UCX *worker addresses*, not listeners: a listener binds 0.0.0.0
+and needs endpoint error handling, which rules out shared memory (see
+platform-facts, section 3). A process's address is published in descriptors.
+
+The protocol is tag matching on the worker:
+
+* a consumer sends a request to the owner on the well-known ``REQUEST_TAG``:
+  command, tensor id, its own id, a fresh reply tag and its own worker address;
+* the owner receives every request with one worker-level receive (any sender),
+  opens (once, then reuses) an endpoint back to the consumer, and answers on the
+  reply tag: a 32-byte header (status, size, new id), then for GET the bytes on
+  the reply tag + 1, received straight into the consumer's buffer.
+
+Every wait is bounded: a dead peer gives ``PeerUnreachable`` after the timeout,
+and its endpoint is dropped so the next pull reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import os
+import secrets
+import struct
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tdist.errors import DataPlaneError, PeerUnreachable, TensorNotFound
+from tdist.logs import get_logger
+
+if TYPE_CHECKING:
+    from tdist.data_plane.plane import DataPlane
+
+log = get_logger("tdist.ucx")
+
+REQUEST_TAG = 0x7D15_7000_0000_0001
+_REQUEST = struct.Struct("<B16sQQH")  # command, tensor id, consumer id, reply tag, address length
+_REQUEST_MAX = 8192
+_OK, _NOT_FOUND, _FAILED = 0, 1, 2
+
+
+def _configure_ucx_env() -> None:
+    """Defaults that suit host memory; ucxx itself would point fragments at CUDA memory."""
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    os.environ.setdefault("UCXPY_PROGRESS_MODE", "blocking")
+    if not os.path.exists("/dev/nvidiactl"):
+        os.environ.setdefault("UCX_RNDV_FRAG_MEM_TYPE", "host")
+
+
+def _import_ucxx() -> Any:
+    _configure_ucx_env()
+    try:
+        import ucxx  # type: ignore[import-not-found]
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise DataPlaneError(f"the UCX data plane needs the ucxx package (ucxx-cu12): {exc}") from exc
+    return ucxx
+
+
+class UcxTransport:
+    def __init__(self) -> None:
+        self.address = ""
+        self._ucxx: Any = None
+        self._plane: DataPlane | None = None
+        self._my_address = b""
+        self._my_id = int.from_bytes(secrets.token_bytes(8), "little")
+        # Reply tags: a random 23-bit prefix (never REQUEST_TAG's) and a counter.
+        self._tags = itertools.count((secrets.randbits(23) | 1 << 23) << 40, 2)
+        self._peers: dict[str, asyncio.Future[Any]] = {}
+        self._consumers: dict[int, asyncio.Future[Any]] = {}
+        self._server: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._abandoned: list[Any] = []
+        """Buffers of receives that timed out: UCX may still write into them, so they stay alive."""
+
+    async def start(self, plane: DataPlane) -> None:
+        self._ucxx = _import_ucxx()
+        self._plane = plane
+        self._my_address = self._ucxx.get_worker_address().tobytes()
+        self.address = base64.b64encode(self._my_address).decode()
+        self._server = asyncio.get_running_loop().create_task(self._serve())
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.cancel()
+            await asyncio.gather(self._server, return_exceptions=True)
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        for futures in (self._peers, self._consumers):
+            for fut in futures.values():
+                if fut.done() and not fut.exception():
+                    try:
+                        fut.result().abort()
+                    except Exception:
+                        pass
+            futures.clear()
+
+    # -- owner side -----------------------------------------------------------
+
+    async def _serve(self) -> None:
+        while True:
+            buf = np.empty(_REQUEST_MAX, dtype=np.uint8)
+            await self._ucxx.recv(buf, tag=REQUEST_TAG)
+            task = asyncio.get_running_loop().create_task(self._handle(buf))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, buf: np.ndarray) -> None:
+        from tdist.data_plane.plane import GET, REFERENCE, RELEASE
+
+        assert self._plane is not None
+        try:
+            cmd, raw_id, consumer_id, reply_tag, addr_len = _REQUEST.unpack_from(buf)
+            address = bytes(buf[_REQUEST.size : _REQUEST.size + addr_len])
+        except struct.error:
+            log.warning("bad_data_plane_request")
+            return
+        tensor_id = raw_id.hex()
+        header = np.zeros(4, dtype=np.uint64)
+        payload = None
+        try:
+            if cmd == GET:
+                payload = self._plane.serve_get(tensor_id)
+                header[1] = payload.nbytes
+            elif cmd == REFERENCE:
+                new_id = bytes.fromhex(self._plane.serve_reference(tensor_id))
+                header[2], header[3] = struct.unpack("<QQ", new_id)
+            elif cmd == RELEASE:
+                self._plane.serve_release(tensor_id)
+            else:
+                header[0] = _FAILED
+        except TensorNotFound:
+            header[0] = _NOT_FOUND
+            payload = None
+        timeout = self._plane.config.pull_timeout
+        try:
+            ep = await self._endpoint(self._consumers, consumer_id, address, timeout)
+            await asyncio.wait_for(ep.send(header, tag=reply_tag, force_tag=True), timeout)
+            if payload is not None and header[0] == _OK:
+                await asyncio.wait_for(ep.send(payload.reshape(-1), tag=reply_tag + 1, force_tag=True), timeout)
+        except Exception as exc:  # the consumer went away: forget its endpoint, keep serving others
+            log.info("data_plane_reply_failed", consumer=consumer_id, error=f"{type(exc).__name__}: {exc}")
+            self._drop(self._consumers, consumer_id)
+
+    # -- consumer side --------------------------------------------------------
+
+    async def _endpoint(self, cache: dict[Any, asyncio.Future[Any]], key: Any, address: bytes, timeout: float) -> Any:
+        fut = cache.get(key)
+        if fut is None:
+            coro = self._ucxx.create_endpoint_from_worker_address(
+                self._ucxx.get_ucx_address_from_buffer(address), endpoint_error_handling=False
+            )
+            fut = cache[key] = asyncio.ensure_future(coro)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except Exception:
+            self._drop(cache, key)
+            raise
+
+    def _drop(self, cache: dict[Any, asyncio.Future[Any]], key: Any) -> None:
+        fut = cache.pop(key, None)
+        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+            try:
+                fut.result().abort()
+            except Exception:
+                pass
+
+    async def _call(self, address: str, cmd: int, tensor_id: str, timeout: float, out: Any = None) -> np.ndarray:
+        try:
+            raw_id = bytes.fromhex(tensor_id)
+            if len(raw_id) != 16:
+                raise ValueError
+        except ValueError:
+            raise TensorNotFound(f"malformed tensor id {tensor_id!r}", tensor_id=tensor_id) from None
+        tag = next(self._tags)
+        request = _REQUEST.pack(cmd, raw_id, self._my_id, tag, len(self._my_address)) + self._my_address
+        header = np.zeros(4, dtype=np.uint64)
+        try:
+            ep = await self._endpoint(self._peers, address, base64.b64decode(address), timeout)
+            await asyncio.wait_for(ep.send(np.frombuffer(request, dtype=np.uint8), tag=REQUEST_TAG, force_tag=True),
+                                   timeout)
+            await self._recv(header, tag, timeout)
+            if header[0] == _OK and out is not None:
+                if int(header[1]) != out.nbytes:
+                    raise DataPlaneError(f"tensor {tensor_id} has {int(header[1])} bytes, expected {out.nbytes}",
+                                         tensor_id=tensor_id)
+                await self._recv(out, tag + 1, timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            self._drop(self._peers, address)
+            raise PeerUnreachable(f"the owner of tensor {tensor_id} did not answer within {timeout} s",
+                                  tensor_id=tensor_id) from None
+        except DataPlaneError:
+            raise
+        except Exception as exc:
+            self._drop(self._peers, address)
+            raise PeerUnreachable(f"pull of tensor {tensor_id} failed: {type(exc).__name__}: {exc}",
+                                  tensor_id=tensor_id) from exc
+        if header[0] == _NOT_FOUND:
+            raise TensorNotFound(f"the owner has no tensor {tensor_id} (released, expired or never stored)",
+                                 tensor_id=tensor_id)
+        if header[0] != _OK:
+            raise DataPlaneError(f"the owner refused command {cmd} for tensor {tensor_id}", tensor_id=tensor_id)
+        return header
+
+    async def _recv(self, buf: Any, tag: int, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._ucxx.recv(buf, tag=tag), timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            self._abandoned.append(buf)
+            del self._abandoned[:-64]
+            raise
+
+    async def fetch(self, address: str, tensor_id: str, out: Any, timeout: float) -> None:
+        from tdist.data_plane.plane import GET
+
+        await self._call(address, GET, tensor_id, timeout, out)
+
+    async def command(self, address: str, cmd: int, tensor_id: str, timeout: float) -> str:
+        header = await self._call(address, cmd, tensor_id, timeout)
+        if header[2] or header[3]:
+            return struct.pack("<QQ", int(header[2]), int(header[3])).hex()
+        return ""
