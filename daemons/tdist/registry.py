@@ -58,6 +58,9 @@ class WorkerInfo:
     data_plane: str | None = None
     gpus: tuple[str, ...] = ()
     served: int = 0
+    tensors_held: int = 0
+    bytes_pulled: int = 0
+    bytes_served: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
 
     @property

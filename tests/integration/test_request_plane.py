@@ -203,12 +203,26 @@ async def test_malformed_messages_get_error_responses_and_worker_keeps_serving(c
     await sub.unsubscribe()
 
 
-async def test_oversize_inline_payload_fails_at_once(client: Client, workers) -> None:
+async def test_oversize_message_fails_at_once(client: Client, workers) -> None:
+    # Large tensors go by reference (data plane); what cannot (parameters) fails before sending.
     await workers("w", operator("count", "Counting"))
-    big = np.zeros(client.caller.max_payload // 8 + 1, dtype=np.int64)
+    huge = "x" * (client.caller.max_payload + 1)
     with pytest.raises(PayloadTooLarge) as info:
-        await client.operator("count").call({"x": big}, timeout=30)
+        await client.operator("count").call({"x": np.arange(3)}, parameters={"blob": huge}, timeout=30)
     assert info.value.details["size"] > info.value.details["max_payload"]
+
+
+async def test_oversize_inline_tensor_without_data_plane_fails_at_once(client: Client, workers) -> None:
+    from tdist.request_plane.caller import Caller
+
+    await workers("w", operator("count", "Counting"))
+    bare = await Caller(client.caller.nc, client.request_plane).start()  # no data plane: inline only
+    try:
+        big = np.zeros(bare.max_payload // 8 + 1, dtype=np.int64)
+        with pytest.raises(PayloadTooLarge, match="no data plane"):
+            await bare.submit("count", 1, {"x": big}, timeout=30)
+    finally:
+        await bare.close()
 
 
 async def test_namespaces_are_isolated(nats_config, workers, rp) -> None:

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 from nats.aio.client import Client as NatsClient
 
-from tdist.config import NatsConfig, RequestPlaneConfig
-from tdist.errors import DeadlineExceeded
+from tdist.config import DataPlaneConfig, NatsConfig, RequestPlaneConfig
+from tdist.data_plane.descriptor import TensorRef
+from tdist.data_plane.plane import LazyDataPlane
+from tdist.errors import DataPlaneError, DeadlineExceeded
 from tdist.registry import Registry, WorkerInfo
-from tdist.request_plane.caller import Caller, ResponseStream
+from tdist.request_plane.caller import Caller, ResponseStream, new_id
 from tdist.request_plane.connection import close_connection, connect
 from tdist.request_plane.protocol import ResponseMessage
 
@@ -51,6 +53,8 @@ class CallLink:
     trace_id: str
     parent_id: str
     deadline: float
+    hold: Callable[[list[TensorRef]], None] | None = None
+    """Takes the tensor references of responses kept unpulled; released when the parent ends."""
 
 
 class RemoteOperator:
@@ -102,15 +106,29 @@ class RemoteOperator:
             wait_for_operator=wait_for_operator,
         )
 
-    async def stream(self, inputs: Mapping[str, Any], **kwargs: Any) -> AsyncIterator[Response]:
+    async def _outputs(self, msg: ResponseMessage, pull_outputs: bool) -> Response:
+        refs = [v for v in msg.outputs.values() if isinstance(v, TensorRef)]
+        if refs and pull_outputs:
+            plane = await self._caller.data_plane.get() if self._caller.data_plane else None
+            if plane is None:
+                raise DataPlaneError("response tensors came by reference, but this caller has no data plane")
+            msg.outputs = await plane.materialize(msg.outputs)
+        elif refs and self._link is not None and self._link.hold is not None:
+            self._link.hold(refs)
+        return Response.from_message(msg)
+
+    async def stream(self, inputs: Mapping[str, Any], *, pull_outputs: bool = True, **kwargs: Any
+                     ) -> AsyncIterator[Response]:
+        """Partial responses, then the final one. With ``pull_outputs=False`` large outputs stay
+        ``TensorRef`` descriptors (to forward them; release what you keep)."""
         responses = await self.call(inputs, **kwargs)
         async for msg in responses:
-            yield Response.from_message(msg)
+            yield await self._outputs(msg, pull_outputs)
 
-    async def infer(self, inputs: Mapping[str, Any], **kwargs: Any) -> Response:
-        """Send one request and return its final response."""
+    async def infer(self, inputs: Mapping[str, Any], *, pull_outputs: bool = True, **kwargs: Any) -> Response:
+        """Send one request and return its final response (outputs pulled unless ``pull_outputs=False``)."""
         responses = await self.call(inputs, **kwargs)
-        return Response.from_message(await responses.final())
+        return await self._outputs(await responses.final(), pull_outputs)
 
 
 class Client:
@@ -122,6 +140,7 @@ class Client:
         *,
         namespace: str | None = None,
         request_plane: RequestPlaneConfig | None = None,
+        data_plane: DataPlaneConfig | None = None,
         name: str = "tdist-client",
     ) -> None:
         rp = request_plane or RequestPlaneConfig()
@@ -129,18 +148,20 @@ class Client:
             rp = RequestPlaneConfig(**{**rp.__dict__, "namespace": namespace})
         self.nats_config = nats or NatsConfig()
         self.request_plane = rp
+        self.data_plane_config = data_plane or DataPlaneConfig()
+        self.component_id = f"client-{new_id()}"
+        self._data_plane: LazyDataPlane | None = None
         self._name = name
         self._nc: NatsClient | None = None
         self._caller: Caller | None = None
         self._registry: Registry | None = None
         self._background: set[asyncio.Task[None]] = set()
 
-    @classmethod
-    def from_connection(cls, nc: NatsClient, caller: Caller, registry: Registry | None = None) -> Client:
-        """Share a worker's connection (used for operators calling operators)."""
-        client = cls(request_plane=caller.rp)
-        client._nc, client._caller, client._registry = nc, caller, registry
-        return client
+    @property
+    def data_plane(self) -> LazyDataPlane:
+        if self._data_plane is None:
+            raise RuntimeError("Client is not connected")
+        return self._data_plane
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -151,7 +172,9 @@ class Client:
 
     async def connect(self) -> None:
         self._nc = await connect(self.nats_config, name=self._name, on_reconnect=self._on_reconnect)
-        self._caller = await Caller(self._nc, self.request_plane).start()
+        self._data_plane = LazyDataPlane(self.component_id, self.data_plane_config)
+        self._caller = await Caller(self._nc, self.request_plane, component_id=self.component_id,
+                                    data_plane=self._data_plane).start()
 
     async def _on_reconnect(self) -> None:
         if self._registry is not None:
@@ -159,9 +182,13 @@ class Client:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def close(self) -> None:
+    async def close(self, wait_for_release: float = 10.0) -> None:
+        """Close; first wait up to ``wait_for_release`` s for consumers to release our tensors."""
         if self._caller is not None:
             await self._caller.close()
+        if self._data_plane is not None:
+            await self._data_plane.close(wait_for_release)
+            self._data_plane = None
         if self._nc is not None:
             await close_connection(self._nc)
         self._nc = self._caller = self._registry = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,7 +32,8 @@ class Transport(Protocol):
 
     address: str
 
-    async def start(self, plane: DataPlane) -> None: ...
+    async def release(self, plane: DataPlane) -> None:
+        """``plane`` no longer serves its tensors through this transport."""
 
     async def fetch(self, address: str, tensor_id: str, out: Any, timeout: float) -> None:
         """Fill ``out`` (a contiguous buffer of exactly the tensor's size) with the tensor's bytes."""
@@ -40,7 +41,9 @@ class Transport(Protocol):
     async def command(self, address: str, cmd: int, tensor_id: str, timeout: float) -> str:
         """REFERENCE returns the new id; RELEASE returns ''. Raises TensorNotFound, PeerUnreachable."""
 
-    async def close(self) -> None: ...
+
+
+TransportFactory = Callable[["DataPlane"], Awaitable[Transport]]
 
 
 def gpu_available() -> bool:
@@ -52,11 +55,24 @@ def gpu_available() -> bool:
         return False
 
 
+def needs_reference(value: Any, threshold: int) -> bool:
+    """Whether ``value`` must travel by reference: a received one, a GPU array or a large one."""
+    if isinstance(value, TensorRef) or type(value).__module__.startswith("cupy"):
+        return True
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "O":
+            return sum(4 + len(x if isinstance(x, bytes) else str(x).encode()) for x in value.ravel()) > threshold
+        return value.nbytes > threshold
+    return False
+
+
 class DataPlane:
-    def __init__(self, component_id: str, config: DataPlaneConfig, transport: Transport) -> None:
+    def __init__(self, component_id: str, config: DataPlaneConfig, transport: TransportFactory | None = None
+                 ) -> None:
         self.component_id = component_id
         self.config = config
-        self.transport = transport
+        self._transport_factory = transport
+        self.transport: Transport | None = None
         self.store = TensorStore(config.store_bytes, config.lease)
         self.bytes_pulled = 0
         self.bytes_served = 0
@@ -65,10 +81,15 @@ class DataPlane:
 
     @property
     def address(self) -> str:
+        assert self.transport is not None, "DataPlane.start() first"
         return self.transport.address
 
     async def start(self) -> DataPlane:
-        await self.transport.start(self)
+        if self._transport_factory is None:
+            from tdist.data_plane.ucx import UcxTransport
+
+            self._transport_factory = UcxTransport.acquire
+        self.transport = await self._transport_factory(self)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_leases())
         return self
 
@@ -86,7 +107,9 @@ class DataPlane:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-        await self.transport.close()
+        if self.transport is not None:
+            await self.transport.release(self)
+            self.transport = None
 
     async def _sweep_leases(self) -> None:
         while True:
@@ -143,6 +166,7 @@ class DataPlane:
             out = np.array(raw, copy=True) if memory_type == "CPU" else raw
         else:
             out = self._empty(ref, memory_type)
+            assert self.transport is not None
             await self.transport.fetch(ref.address, ref.tensor_id, out, self.config.pull_timeout)
             self.bytes_pulled += ref.nbytes
         return self._typed(out, ref)
@@ -168,6 +192,7 @@ class DataPlane:
         if ref.owner == self.component_id:
             new_id = self.serve_reference(ref.tensor_id)
         else:
+            assert self.transport is not None
             new_id = await self.transport.command(ref.address, REFERENCE, ref.tensor_id, self.config.pull_timeout)
         return TensorRef(ref.owner, ref.address, new_id, ref.dtype, ref.shape, ref.nbytes, ref.memory_type,
                          ref.device_id)
@@ -176,6 +201,7 @@ class DataPlane:
         if ref.owner == self.component_id:
             self.serve_release(ref.tensor_id)
         else:
+            assert self.transport is not None
             await self.transport.command(ref.address, RELEASE, ref.tensor_id, self.config.pull_timeout)
 
     async def release_quietly(self, refs: list[TensorRef]) -> None:
@@ -194,20 +220,51 @@ class DataPlane:
         for name, value in values.items():
             if isinstance(value, TensorRef):
                 out[name] = await self.forward(value)
-            elif type(value).__module__.startswith("cupy"):
+            elif needs_reference(value, self.config.inline_threshold):
                 out[name] = self.put(value)
             else:
-                arr = tensors.as_array(value)
-                out[name] = self.put(arr) if arr.nbytes > self.config.inline_threshold else arr
+                out[name] = value
         return out
 
-    async def materialize(self, values: Mapping[str, Any], memory_type: str = "CPU") -> dict[str, Any]:
-        """Pull every ``TensorRef`` in ``values`` and release it; arrays pass through."""
+    async def materialize(self, values: Mapping[str, Any], memory_type: str = "CPU", *, release: bool = True
+                          ) -> dict[str, Any]:
+        """Pull every ``TensorRef`` in ``values`` (and release it, unless told not to); arrays pass through."""
         out: dict[str, Any] = {}
         for name, value in values.items():
             if isinstance(value, TensorRef):
                 out[name] = await self.pull(value, memory_type)
-                await self.release_quietly([value])
+                if release:
+                    await self.release_quietly([value])
             else:
                 out[name] = value
         return out
+
+
+class LazyDataPlane:
+    """A process component's data plane, started on first use (UCX loads only when needed)."""
+
+    def __init__(self, component_id: str, config: DataPlaneConfig) -> None:
+        self.component_id = component_id
+        self.config = config
+        self.plane: DataPlane | None = None
+        self._starting: asyncio.Task[DataPlane] | None = None
+
+    async def get(self) -> DataPlane:
+        if self.plane is not None:
+            return self.plane
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(DataPlane(self.component_id, self.config).start())
+        try:
+            self.plane = await asyncio.shield(self._starting)
+        except BaseException:
+            self._starting = None
+            raise
+        return self.plane
+
+    async def close(self, wait_for_release: float = 0.0) -> None:
+        plane, self.plane = self.plane, None
+        if plane is None and self._starting is not None:
+            plane = await self._starting
+        self._starting = None
+        if plane is not None:
+            await plane.close(wait_for_release)

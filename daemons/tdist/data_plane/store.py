@@ -47,6 +47,9 @@ class TensorStore:
         """Live references."""
         return len(self._refs)
 
+    def __contains__(self, ref_id: object) -> bool:
+        return ref_id in self._refs
+
     @property
     def buffers(self) -> int:
         return len(self._buffers)

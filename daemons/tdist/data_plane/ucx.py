@@ -15,6 +15,11 @@ The protocol is tag matching on the worker:
 
 Every wait is bounded: a dead peer gives ``PeerUnreachable`` after the timeout,
 and its endpoint is dropped so the next pull reconnects.
+
+UCX has one context per process, so the transport is shared by every data plane
+of the process (tests run several workers in one process): a request is served
+by the plane that holds the tensor id. The last plane to leave shuts UCX down
+(``ucxx.reset``), so the next one may start on another event loop.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ REQUEST_TAG = 0x7D15_7000_0000_0001
 _REQUEST = struct.Struct("<B16sQQH")  # command, tensor id, consumer id, reply tag, address length
 _REQUEST_MAX = 8192
 _OK, _NOT_FOUND, _FAILED = 0, 1, 2
+_STOP = 255
 
 
 def _configure_ucx_env() -> None:
@@ -60,11 +66,34 @@ def _import_ucxx() -> Any:
     return ucxx
 
 
+_shared: UcxTransport | None = None
+
+
 class UcxTransport:
+    @classmethod
+    async def acquire(cls, plane: DataPlane) -> UcxTransport:
+        """The process's transport, started if needed, now also serving ``plane``."""
+        global _shared
+        if _shared is None:
+            transport = cls()
+            await transport._start()
+            _shared = transport
+        _shared._planes.append(plane)
+        return _shared
+
+    async def release(self, plane: DataPlane) -> None:
+        """``plane`` stops serving; the last one out shuts UCX down."""
+        global _shared
+        if plane in self._planes:
+            self._planes.remove(plane)
+        if not self._planes and _shared is self:
+            _shared = None
+            await self._close()
+
     def __init__(self) -> None:
         self.address = ""
         self._ucxx: Any = None
-        self._plane: DataPlane | None = None
+        self._planes: list[DataPlane] = []
         self._my_address = b""
         self._my_id = int.from_bytes(secrets.token_bytes(8), "little")
         # Reply tags: a random 23-bit prefix (never REQUEST_TAG's) and a counter.
@@ -76,20 +105,36 @@ class UcxTransport:
         self._abandoned: list[Any] = []
         """Buffers of receives that timed out: UCX may still write into them, so they stay alive."""
 
-    async def start(self, plane: DataPlane) -> None:
+    async def _start(self) -> None:
         self._ucxx = _import_ucxx()
-        self._plane = plane
         self._my_address = self._ucxx.get_worker_address().tobytes()
         self.address = base64.b64encode(self._my_address).decode()
         self._server = asyncio.get_running_loop().create_task(self._serve())
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.cancel()
-            await asyncio.gather(self._server, return_exceptions=True)
-        for task in list(self._handlers):
+    async def _stop_serving(self) -> None:
+        """End the server's receive with a STOP request to ourselves: a cancelled UCX receive
+        leaves a frame behind that keeps UCX's context from resetting."""
+        if self._server is None or self._server.done():
+            return
+        try:
+            ep = await self._endpoint(self._peers, self.address, self._my_address, 5.0)
+            stop = _REQUEST.pack(_STOP, bytes(16), self._my_id, 0, 0)
+            await asyncio.wait_for(ep.send(np.frombuffer(stop, dtype=np.uint8), tag=REQUEST_TAG, force_tag=True), 5.0)
+            await asyncio.wait_for(asyncio.shield(self._server), 5.0)
+        except Exception as exc:
+            log.info("ucx_stop_fallback", error=str(exc))
+
+    async def _close(self) -> None:
+        await self._stop_serving()
+        tasks = [t for t in (self._server, *self._handlers) if t is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Finished tasks keep their exception, whose traceback keeps the cancelled receive's
+        # frame, which keeps UCX's context alive: let go of them before the reset.
+        self._server = None
+        self._handlers.clear()
+        del tasks
         for futures in (self._peers, self._consumers):
             for fut in futures.values():
                 if fut.done() and not fut.exception():
@@ -98,6 +143,11 @@ class UcxTransport:
                     except Exception:
                         pass
             futures.clear()
+        self._abandoned.clear()
+        try:
+            self._ucxx.reset()
+        except Exception as exc:  # something still holds an endpoint: UCX stays up for this process
+            log.warning("ucx_reset_failed", error=str(exc)[:2000])
 
     # -- owner side -----------------------------------------------------------
 
@@ -105,6 +155,8 @@ class UcxTransport:
         while True:
             buf = np.empty(_REQUEST_MAX, dtype=np.uint8)
             await self._ucxx.recv(buf, tag=REQUEST_TAG)
+            if buf[0] == _STOP:
+                return
             task = asyncio.get_running_loop().create_task(self._handle(buf))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
@@ -112,7 +164,6 @@ class UcxTransport:
     async def _handle(self, buf: np.ndarray) -> None:
         from tdist.data_plane.plane import GET, REFERENCE, RELEASE
 
-        assert self._plane is not None
         try:
             cmd, raw_id, consumer_id, reply_tag, addr_len = _REQUEST.unpack_from(buf)
             address = bytes(buf[_REQUEST.size : _REQUEST.size + addr_len])
@@ -122,21 +173,24 @@ class UcxTransport:
         tensor_id = raw_id.hex()
         header = np.zeros(4, dtype=np.uint64)
         payload = None
+        plane = self._owner_of(tensor_id)
         try:
+            if plane is None:
+                raise TensorNotFound("no such tensor", tensor_id=tensor_id)
             if cmd == GET:
-                payload = self._plane.serve_get(tensor_id)
+                payload = plane.serve_get(tensor_id)
                 header[1] = payload.nbytes
             elif cmd == REFERENCE:
-                new_id = bytes.fromhex(self._plane.serve_reference(tensor_id))
+                new_id = bytes.fromhex(plane.serve_reference(tensor_id))
                 header[2], header[3] = struct.unpack("<QQ", new_id)
             elif cmd == RELEASE:
-                self._plane.serve_release(tensor_id)
+                plane.serve_release(tensor_id)
             else:
                 header[0] = _FAILED
         except TensorNotFound:
             header[0] = _NOT_FOUND
             payload = None
-        timeout = self._plane.config.pull_timeout
+        timeout = max(p.config.pull_timeout for p in self._planes) if self._planes else 30.0
         try:
             ep = await self._endpoint(self._consumers, consumer_id, address, timeout)
             await asyncio.wait_for(ep.send(header, tag=reply_tag, force_tag=True), timeout)
@@ -145,6 +199,12 @@ class UcxTransport:
         except Exception as exc:  # the consumer went away: forget its endpoint, keep serving others
             log.info("data_plane_reply_failed", consumer=consumer_id, error=f"{type(exc).__name__}: {exc}")
             self._drop(self._consumers, consumer_id)
+
+    def _owner_of(self, tensor_id: str) -> DataPlane | None:
+        for plane in self._planes:
+            if tensor_id in plane.store:
+                return plane
+        return None
 
     # -- consumer side --------------------------------------------------------
 

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -50,6 +50,7 @@ class Request:
         inputs: Mapping[str, np.ndarray],
         send_partial: SendPartial,
         make_remote: MakeRemote,
+        hold: Callable[[list[Any]], None] | None = None,
     ) -> None:
         self.id = id
         self.trace_id = trace_id
@@ -62,6 +63,8 @@ class Request:
         self._cancelled: asyncio.Event | None = None
         self._send_partial = send_partial
         self._make_remote = make_remote
+        self.hold = hold
+        """Keeps tensor references (unpulled child outputs) until this request ends."""
 
     @property
     def cancelled(self) -> asyncio.Event:
@@ -96,6 +99,10 @@ class Request:
 
 class Operator:
     """Base class of Python operators; one instance serves all of a worker's requests."""
+
+    pull_inputs: ClassVar[bool] = True
+    """Pull inputs that came by reference before ``execute``. An operator that only forwards
+    tensors sets this False and gets ``TensorRef`` descriptors: their bytes never reach it."""
 
     def __init__(self, name: str, version: int, parameters: Mapping[str, Any]) -> None:
         self.name = name

@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -42,6 +41,7 @@ from tdist.errors import (
     TdistError,
 )
 from tdist.logs import get_logger
+from tdist.data_plane.plane import LazyDataPlane, needs_reference
 from tdist.request_plane import protocol, streams, subjects
 
 log = get_logger("tdist.caller")
@@ -172,8 +172,10 @@ class ResponseStream:
 class Caller:
     """Publishes requests and routes their responses; one per process connection."""
 
-    def __init__(self, nc: NatsClient, rp: RequestPlaneConfig, *, component_id: str | None = None) -> None:
+    def __init__(self, nc: NatsClient, rp: RequestPlaneConfig, *, component_id: str | None = None,
+                 data_plane: LazyDataPlane | None = None) -> None:
         self.nc = nc
+        self.data_plane = data_plane
         self.js: JetStreamContext = nc.jetstream()
         self.rp = rp
         self.component_id = component_id or new_id()
@@ -247,6 +249,10 @@ class Caller:
                 version=version,
                 namespace=self.rp.namespace,
             )
+        if self.data_plane is not None and any(
+            needs_reference(v, self.data_plane.config.inline_threshold) for v in inputs.values()
+        ):
+            inputs = await (await self.data_plane.get()).outgoing(inputs)
         request_id = new_id()
         msg = protocol.RequestMessage(
             id=request_id,
@@ -256,13 +262,14 @@ class Caller:
             deadline=deadline,
             reply_to=f"{self._inbox}.r.{request_id}",
             parameters=dict(parameters or {}),
-            inputs={name: np.asarray(v) if not isinstance(v, (np.ndarray, bytes, str)) else v for name, v in inputs.items()},
+            inputs=dict(inputs),
             parent_id=parent_id,
         )
         data = protocol.encode_request(msg)
         if len(data) > self.max_payload:
             raise PayloadTooLarge(
-                f"request is {len(data)} bytes, the server's max_payload is {self.max_payload}",
+                f"request is {len(data)} bytes, the server's max_payload is {self.max_payload}"
+                + ("" if self.data_plane else " (this caller has no data plane to send tensors by reference)"),
                 size=len(data),
                 max_payload=self.max_payload,
                 operator=operator,

@@ -117,7 +117,8 @@ async def run(wf: WorkerFile, worker_id: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    worker = Worker(wf.worker, nats=wf.nats, request_plane=wf.request_plane, worker_id=worker_id)
+    worker = Worker(wf.worker, nats=wf.nats, request_plane=wf.request_plane, data_plane=wf.data_plane,
+                    worker_id=worker_id)
     structlog.contextvars.bind_contextvars(worker=worker.id)  # every task of this process inherits it
     async with worker:
         print(json.dumps({"event": "worker_ready", "worker_id": worker.id}), flush=True)

@@ -24,7 +24,9 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from tdist.client import CallLink, RemoteOperator
-from tdist.config import NatsConfig, OperatorConfig, RequestPlaneConfig, WorkerConfig
+from tdist.config import DataPlaneConfig, NatsConfig, OperatorConfig, RequestPlaneConfig, WorkerConfig
+from tdist.data_plane.descriptor import TensorRef
+from tdist.data_plane.plane import LazyDataPlane, needs_reference
 from tdist.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -45,6 +47,7 @@ from tdist.worker.states import WorkerState, check_transition
 log = get_logger("tdist.worker")
 
 _CANCELLED_MEMORY = 10_000
+OUTPUT_RELEASE_WAIT = 10.0
 DEADLINE_SWEEP = 0.05
 
 
@@ -61,6 +64,8 @@ class _Held:
     """Why its task was cancelled: 'caller', 'deadline' or 'shutdown'."""
     deadline: float | None = None
     """Set while the operator runs; the deadline sweep cancels it once passed."""
+    refs: list[TensorRef] = field(default_factory=list)
+    """Tensor references this request holds (its inputs, kept child outputs)."""
     last_progress: float = field(default_factory=time.monotonic)
 
 
@@ -106,6 +111,7 @@ class Worker:
         *,
         nats: NatsConfig,
         request_plane: RequestPlaneConfig,
+        data_plane: DataPlaneConfig | None = None,
         worker_id: str | None = None,
     ) -> None:
         self.config = config
@@ -115,6 +121,7 @@ class Worker:
         subjects.check_name("worker id", self.id)
         self.state = WorkerState.STARTING
         self.started_at = time.time()
+        self.data_plane = LazyDataPlane(self.id, data_plane or DataPlaneConfig())
         self.runners: dict[tuple[str, int], OperatorRunner] = {}
         self.nc: NatsClient | None = None
         self.caller: Caller | None = None
@@ -152,8 +159,9 @@ class Worker:
                 instance = cls(op_cfg.name, op_cfg.version, op_cfg.parameters)
                 await instance.setup()
                 self.runners[(op_cfg.name, op_cfg.version)] = OperatorRunner(self, op_cfg, instance)
+            await self.data_plane.get()  # publish a data-plane address from the start
             self.nc = await connect(self.nats_config, name=f"tdist-worker {self.id}", on_reconnect=self._on_reconnect)
-            self.caller = await Caller(self.nc, self.rp, component_id=self.id).start()
+            self.caller = await Caller(self.nc, self.rp, component_id=self.id, data_plane=self.data_plane).start()
             self.registry = await Registry.open(self.nc.jetstream(), self.rp.namespace)
             self._cancel_sub = await self.nc.subscribe(subjects.cancel_wildcard(self.rp.namespace), cb=self._on_cancel)
             await self._declare_consumers()
@@ -251,6 +259,8 @@ class Worker:
                 log.warning("operator_close_failed", operator=runner.config.name, error=str(exc))
         if self.caller is not None:
             await self.caller.close()
+        # Callers may still be pulling outputs of the last requests: give them a moment.
+        await self.data_plane.close(wait_for_release=min(self.config.drain_timeout, OUTPUT_RELEASE_WAIT))
         if self.nc is not None:
             await close_connection(self.nc)
         log.info("worker_stopped", worker=self.id)
@@ -268,6 +278,7 @@ class Worker:
     # -- registry and upkeep -------------------------------------------------
 
     def info(self) -> WorkerInfo:
+        plane = self.data_plane.plane
         return WorkerInfo(
             id=self.id,
             name=self.config.name,
@@ -280,6 +291,10 @@ class Worker:
             ttl=self.config.registry_ttl,
             gpus=tuple(filter(None, os.environ.get("CUDA_VISIBLE_DEVICES", "").split(","))),
             served=sum(r.served for r in self.runners.values()),
+            data_plane=plane.address if plane else None,
+            tensors_held=len(plane.store) if plane else 0,
+            bytes_pulled=plane.bytes_pulled if plane else 0,
+            bytes_served=plane.bytes_served if plane else 0,
         )
 
     async def _register(self) -> None:
@@ -419,12 +434,12 @@ class Worker:
             structlog.contextvars.bind_contextvars(request_id=req.id, trace_id=req.trace_id, operator=req.operator)
             refusal = self._refusal(held, req, attempt)
             if refusal is not None:
-                await self._finish_with(msg, req, refusal)
+                await self._finish_with(held, req, refusal)
                 return
             async with runner.slots:
                 refusal = self._refusal(held, req, attempt)
                 if refusal is not None:
-                    await self._finish_with(msg, req, refusal)
+                    await self._finish_with(held, req, refusal)
                     return
                 runner.running += 1
                 try:
@@ -432,7 +447,7 @@ class Worker:
                 finally:
                     runner.running -= 1
                     runner.served += 1
-            await self._finish_with(msg, req, final)
+            await self._finish_with(held, req, final)
         except asyncio.CancelledError:
             if held.cancel_reason in ("caller", "deadline") and req is not None:
                 task = asyncio.current_task()
@@ -444,7 +459,7 @@ class Worker:
                 else:
                     log.info("request_deadline_exceeded")
                     error = DeadlineExceeded("deadline passed while the operator ran")
-                await self._finish_with(msg, req, self._error(req.id, error, attempt))
+                await self._finish_with(held, req, self._error(req.id, error, attempt))
                 return
             if held.cancel_reason == "shutdown":
                 await self._ack(msg, b"-NAK")  # hand it to another worker now
@@ -468,10 +483,15 @@ class Worker:
                        ) -> protocol.ResponseMessage:
         async def send_partial(outputs: Mapping[str, Any], parameters: Mapping[str, Any] | None) -> None:
             partial = protocol.ResponseMessage(
-                req.id, "partial", self.id, attempt, dict(outputs), dict(parameters or {})
+                req.id, "partial", self.id, attempt, await self._outgoing(outputs), dict(parameters or {})
             )
             await self._send(req.reply_to, partial, check=True)
 
+        plane = await self.data_plane.get()
+        inputs = req.inputs
+        held.refs = [v for v in inputs.values() if isinstance(v, TensorRef)]  # released once acknowledged
+        if held.refs and runner.instance.pull_inputs:
+            inputs = await plane.materialize(inputs, release=False)
         request = Request(
             id=req.id,
             trace_id=req.trace_id,
@@ -480,15 +500,16 @@ class Worker:
             deadline=req.deadline,
             attempt=attempt,
             parameters=req.parameters,
-            inputs=req.inputs,
+            inputs=inputs,
             send_partial=send_partial,
             make_remote=self._remote_for,
+            hold=held.refs.extend,
         )
         held.request = request
         held.deadline = req.deadline  # from now on the deadline sweep may cancel it
         try:
             outputs = await runner.instance.execute(request)
-            return protocol.ResponseMessage(req.id, "final", self.id, attempt, dict(outputs or {}))
+            return protocol.ResponseMessage(req.id, "final", self.id, attempt, await self._outgoing(outputs or {}))
         except TdistError as exc:
             log.info("request_error", code=exc.code, error=str(exc))
             return self._error(req.id, exc, attempt)
@@ -503,19 +524,32 @@ class Worker:
                                      {"type": type(exc).__name__, "operator": req.operator}),
         )
 
+    async def _outgoing(self, outputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Large outputs stay here (by reference), received ones are forwarded, small ones go inline."""
+        threshold = self.data_plane.config.inline_threshold
+        if not any(needs_reference(v, threshold) for v in outputs.values()):
+            return dict(outputs)
+        return await (await self.data_plane.get()).outgoing(outputs)
+
     def _remote_for(self, name: str, version: int, request: Request) -> RemoteOperator:
         assert self.caller is not None
         return RemoteOperator(
-            self.caller, name, version, link=CallLink(request.trace_id, request.id, request.deadline)
+            self.caller, name, version, link=CallLink(request.trace_id, request.id, request.deadline, request.hold)
         )
 
     def _error(self, request_id: str, exc: TdistError, attempt: int) -> protocol.ResponseMessage:
         return protocol.ResponseMessage(request_id, "error", self.id, attempt, error=protocol.ErrorInfo.from_exception(exc))
 
-    async def _finish_with(self, msg: Msg, req: protocol.RequestMessage, final: protocol.ResponseMessage) -> None:
-        """Send the final response, then acknowledge: never the other way round."""
+    async def _finish_with(self, held: _Held, req: protocol.RequestMessage, final: protocol.ResponseMessage) -> None:
+        """Send the final response, then acknowledge: never the other way round. Only then
+        release the request's tensor references (a redelivery would still need them)."""
         await self._send(req.reply_to, final)
-        await self._ack(msg, b"+ACK")
+        await self._ack(held.msg, b"+ACK")
+        if held.refs:
+            plane = self.data_plane.plane
+            if plane is not None:
+                await plane.release_quietly(held.refs)
+            held.refs = []
 
     async def _answer_malformed(self, exc: InvalidRequest, msg: Msg) -> None:
         reply = exc.details.get("reply_to")
