@@ -140,10 +140,10 @@ async def workers(nats_config: NatsConfig, rp: RequestPlaneConfig):  # type: ign
 
     started: list[Worker] = []
 
-    async def start(name: str, *operators: OperatorConfig, registry_ttl: float = 2.0, drain_timeout: float = 10.0
-                    ) -> Worker:
+    async def start(name: str, *operators: OperatorConfig, registry_ttl: float = 2.0, drain_timeout: float = 10.0,
+                    data_plane: object = None) -> Worker:
         cfg = WorkerConfig(name=name, operators=operators, registry_ttl=registry_ttl, drain_timeout=drain_timeout)
-        worker = Worker(cfg, nats=nats_config, request_plane=rp)
+        worker = Worker(cfg, nats=nats_config, request_plane=rp, data_plane=data_plane)  # type: ignore[arg-type]
         started.append(worker)
         await worker.start()
         return worker

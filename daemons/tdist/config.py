@@ -73,7 +73,8 @@ class RequestPlaneConfig:
 @dataclass(frozen=True)
 class DataPlaneConfig:
     inline_threshold: int = 64 << 10
-    """Tensors up to this many bytes travel inside the message; larger ones by reference."""
+    """Tensors smaller than this many bytes travel inside the message, the others by reference
+    (0: every tensor by reference)."""
     store_bytes: int = 2 << 30
     """The most bytes of tensors this process keeps for consumers to pull."""
     lease: float = 300.0

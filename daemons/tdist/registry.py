@@ -61,6 +61,8 @@ class WorkerInfo:
     tensors_held: int = 0
     bytes_pulled: int = 0
     bytes_served: int = 0
+    nats_in_bytes: int = 0
+    """Bytes this worker received over NATS (requests, responses of its child calls)."""
     labels: Mapping[str, str] = field(default_factory=dict)
 
     @property

@@ -76,3 +76,26 @@ class Parent(Operator):
         child = request.operator(str(request.parameters.get("child", "announcing")))
         result = await child.infer(request.inputs, parameters=request.parameters.get("child_parameters", {}))
         return result.outputs
+
+
+class Forwarder(Operator):
+    """Passes its input to operator ``child`` by reference and answers with the child's output,
+    again by reference: the tensor's bytes never reach this process."""
+
+    pull_inputs = False
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        child = request.operator(str(request.parameters.get("child", "echo")))
+        result = await child.infer(dict(request.inputs), pull_outputs=False)
+        return dict(result.outputs)
+
+
+class Holder(Operator):
+    """Keeps its input reference unpulled and works for ``delay`` seconds (a consumer to kill)."""
+
+    pull_inputs = False
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        await request.send({"started": np.array([1], dtype=np.int8)})
+        await asyncio.sleep(float(request.parameters.get("delay", 3600)))
+        return {}

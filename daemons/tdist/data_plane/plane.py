@@ -56,13 +56,14 @@ def gpu_available() -> bool:
 
 
 def needs_reference(value: Any, threshold: int) -> bool:
-    """Whether ``value`` must travel by reference: a received one, a GPU array or a large one."""
+    """Whether ``value`` must travel by reference: a received one, a GPU array, or one of at
+    least ``threshold`` bytes (so 0 sends every tensor by reference)."""
     if isinstance(value, TensorRef) or type(value).__module__.startswith("cupy"):
         return True
     if isinstance(value, np.ndarray):
         if value.dtype.kind == "O":
-            return sum(4 + len(x if isinstance(x, bytes) else str(x).encode()) for x in value.ravel()) > threshold
-        return value.nbytes > threshold
+            return sum(4 + len(x if isinstance(x, bytes) else str(x).encode()) for x in value.ravel()) >= threshold
+        return value.nbytes >= threshold
     return False
 
 

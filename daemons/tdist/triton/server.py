@@ -623,26 +623,33 @@ class TritonServer:
         self._prefix = f"tdist_triton_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         # Free ports when asked for 0; a restart keeps the previous ones if they are still free.
         if not o.http_port:
-            self.http_port = self.http_port if fresh_ports is False and _port_free(o.host, self.http_port) else free_port(o.host)
+            keep = not fresh_ports and _port_free(o.host, self.http_port)
+            self.http_port = self.http_port if keep else free_port(o.host)
         if not o.grpc_port:
-            self.grpc_port = self.grpc_port if fresh_ports is False and _port_free(o.host, self.grpc_port) else 0
+            keep = not fresh_ports and _port_free(o.host, self.grpc_port)
+            self.grpc_port = self.grpc_port if keep else 0
             while not self.grpc_port or self.grpc_port == self.http_port:
                 self.grpc_port = free_port(o.host)
-        backends = self._prepare_backends(self._workdir)
-        env = self._environment(stub_site)
-        self._log_path = Path(o.log_file) if o.log_file else self._workdir / "triton.log"
-        libc = _load_libc()
-        with open(self._log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                self._command(backends),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=str(self._workdir),
-                start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which stops Triton
-                preexec_fn=_die_with_parent(os.getpid(), libc),  # noqa: PLW1509 - only a prctl call
-            )
+        try:
+            backends = self._prepare_backends(self._workdir)
+            env = self._environment(stub_site)
+            self._log_path = Path(o.log_file) if o.log_file else self._workdir / "triton.log"
+            libc = _load_libc()
+            with open(self._log_path, "ab") as log:
+                self._proc = subprocess.Popen(
+                    self._command(backends),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=str(self._workdir),
+                    start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which stops Triton
+                    preexec_fn=_die_with_parent(os.getpid(), libc),  # noqa: PLW1509 - only a prctl call
+                )
+        except BaseException:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+            raise
 
     def _poll_ready(self) -> bool:
         """One readiness probe; raises :class:`TritonError` (or _BindFailed) if the process exited."""
@@ -727,7 +734,7 @@ class TritonServer:
         try:
             return dict(json.loads(self._control("GET", f"/v2/models/{name}/config")))
         except TritonError as exc:
-            if exc.details.get("status") == 400:
+            if exc.details.get("status") in (400, 404):
                 raise TritonModelNotReady(f"model '{name}' is not loaded", model=name) from None
             raise
 
@@ -808,13 +815,17 @@ class TritonServer:
     def __enter__(self) -> TritonServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     async def __aenter__(self) -> TritonServer:
         return await self.astart()
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.astop()
 
 

@@ -295,6 +295,7 @@ class Worker:
             tensors_held=len(plane.store) if plane else 0,
             bytes_pulled=plane.bytes_pulled if plane else 0,
             bytes_served=plane.bytes_served if plane else 0,
+            nats_in_bytes=int(self.nc.stats["in_bytes"]) if self.nc is not None else 0,
         )
 
     async def _register(self) -> None:
