@@ -4,18 +4,14 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml scripts/setup-venv.sh | cksum | cut -d' ' -f1)
 
 .PHONY: demo test bench venv clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
-		echo "installing python3-venv (apt)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip; }
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+$(STAMP): pyproject.toml scripts/setup-venv.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) scripts/setup-venv.sh
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

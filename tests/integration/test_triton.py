@@ -8,6 +8,7 @@ itself reports having slept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -307,7 +308,7 @@ async def test_overrides_sigkill_detection_and_restart(tmp_path: Path) -> None:
     assert not [e for e in os.listdir("/dev/shm") if e.startswith(new_prefix)]
 
 
-def test_triton_dies_with_its_parent(tmp_path: Path) -> None:
+def test_triton_dies_with_its_parent() -> None:
     """The parent is SIGKILLed: PR_SET_PDEATHSIG kills tritonserver too (no orphan keeps the ports)."""
     script = textwrap.dedent(
         f"""
@@ -344,13 +345,16 @@ def test_triton_dies_with_its_parent(tmp_path: Path) -> None:
         if parent.stdout:
             parent.stdout.close()
         if child_pid is not None and _alive(child_pid):
-            os.kill(child_pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child_pid, signal.SIGKILL)
         if prefix:  # nobody was left to clean up after the killed server: do it here, by PID and name
             for pid in _stub_pids(prefix):
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             for entry in os.listdir("/dev/shm"):
                 if entry.startswith(prefix):
-                    os.unlink(f"/dev/shm/{entry}")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"/dev/shm/{entry}")
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 

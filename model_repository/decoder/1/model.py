@@ -40,8 +40,9 @@ class BadRequest(ValueError):
     """A request's inputs or parameters are invalid (INVALID_ARG)."""
 
 
-def _error(message, invalid_arg=True):
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_arg else None
+def _error(message, code="INVALID_ARG"):
+    """A TritonError with ``code`` (a pb_utils.TritonError constant name, or None for INTERNAL)."""
+    code = getattr(pb_utils.TritonError, code, None) if code else None
     if code is not None:
         try:
             return pb_utils.TritonError(message, code)
@@ -168,13 +169,11 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(output_tensors=[], error=_error(str(exc)))
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down
             return pb_utils.InferenceResponse(
-                output_tensors=[], error=_error(f"decoder failed: {type(exc).__name__}: {exc}", invalid_arg=False)
+                output_tensors=[], error=_error(f"decoder failed: {type(exc).__name__}: {exc}", code=None)
             )
         slept, cancelled = sleep_for(delay * len(out), request)
         if cancelled:
-            code = getattr(pb_utils.TritonError, "CANCELLED", None)
-            err = pb_utils.TritonError("request cancelled", code) if code is not None else pb_utils.TritonError("request cancelled")
-            return pb_utils.InferenceResponse(output_tensors=[], error=err)
+            return pb_utils.InferenceResponse(output_tensors=[], error=_error("request cancelled", code="CANCELLED"))
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor("output", out),
