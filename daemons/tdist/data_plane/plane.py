@@ -157,8 +157,10 @@ class DataPlane:
 
     # -- consuming ------------------------------------------------------------
 
-    async def pull(self, ref: TensorRef, memory_type: str = "CPU") -> Any:
-        """The tensor's value in ``memory_type`` ("CPU" gives numpy, "GPU" gives cupy)."""
+    async def pull(self, ref: TensorRef, memory_type: str = "CPU", *, out: Any = None) -> Any:
+        """The tensor's value in ``memory_type`` ("CPU" gives numpy, "GPU" gives cupy).
+
+        ``out``: a contiguous buffer of ``ref.nbytes`` bytes to receive into (reused memory)."""
         if memory_type == "GPU" and not gpu_available():
             raise DataPlaneError("GPU memory asked for, but this process has no usable GPU (cupy/CUDA)",
                                  tensor_id=ref.tensor_id)
@@ -166,7 +168,11 @@ class DataPlane:
             raw = self.store.get(ref.tensor_id)
             out = np.array(raw, copy=True) if memory_type == "CPU" else raw
         else:
-            out = self._empty(ref, memory_type)
+            if out is None:
+                out = self._empty(ref, memory_type)
+            elif out.nbytes != ref.nbytes or not out.flags.c_contiguous:
+                raise DataPlaneError(f"receive buffer has {out.nbytes} bytes, the tensor {ref.nbytes}",
+                                     tensor_id=ref.tensor_id)
             assert self.transport is not None
             await self.transport.fetch(ref.address, ref.tensor_id, out, self.config.pull_timeout)
             self.bytes_pulled += ref.nbytes
@@ -185,7 +191,7 @@ class DataPlane:
         if ref.dtype == "BYTES":
             host = raw if isinstance(raw, np.ndarray) else raw.get()
             return tensors.from_bytes(host.tobytes(), "BYTES", ref.shape)
-        flat = raw.reshape(-1) if hasattr(raw, "reshape") else raw
+        flat = raw.reshape(-1).view(np.uint8) if hasattr(raw, "reshape") else raw
         return flat.view(tensors.TRITON_TO_NUMPY[ref.dtype].newbyteorder("<")).reshape(ref.shape)
 
     async def forward(self, ref: TensorRef) -> TensorRef:

@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""Data plane: UCX pulls between two processes against plain copies, in the same run.
+
+* same host: pulls of 64 KiB, 1 MiB and 64 MiB from an owner process, into a reused
+  buffer, against a numpy memcpy (``np.copyto``) of the same size in this process;
+* across hosts (only as root, where network namespaces can be made): owner and
+  consumer in two namespaces joined by a veth pair, UCX forced onto TCP (as between
+  real hosts: no shared memory), against a plain blocking-socket transfer of the
+  same size between the same namespaces.
+
+Targets (DESIGN.md): same host >= 0.7 of memcpy, across hosts >= 0.6 of the socket.
+
+    python benchmarks/data_plane.py [--json] [--repeat 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+SIZES = {"64KiB": 64 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
+NS = ("tdist-bench-a", "tdist-bench-b")
+ADDR = ("10.231.77.1", "10.231.77.2")
+SOCK_PORT = 47791
+
+
+# -- roles run in child processes ------------------------------------------------------------
+
+async def role_owner() -> None:
+    from tdist.config import DataPlaneConfig
+    from tdist.data_plane.plane import DataPlane
+
+    plane = await DataPlane("bench-owner", DataPlaneConfig(store_bytes=1 << 30)).start()
+    refs = {}
+    for name, size in SIZES.items():
+        ref = plane.put(np.frombuffer(np.random.default_rng(size).bytes(size), dtype=np.uint8))
+        refs[name] = {"owner": ref.owner, "address": ref.address, "tensor_id": ref.tensor_id, "nbytes": ref.nbytes}
+    print(json.dumps(refs), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await plane.close()
+
+
+async def pull_rates(refs: dict[str, Any], repeat: int, sizes: list[str]) -> dict[str, float]:
+    """GB/s of pulls into a reused buffer, per size."""
+    from tdist.config import DataPlaneConfig
+    from tdist.data_plane.descriptor import TensorRef
+    from tdist.data_plane.plane import DataPlane
+
+    plane = await DataPlane("bench-consumer", DataPlaneConfig()).start()
+    rates = {}
+    try:
+        for name in sizes:
+            r = refs[name]
+            ref = TensorRef(r["owner"], r["address"], r["tensor_id"], "UINT8", (r["nbytes"],), r["nbytes"])
+            out = np.empty(r["nbytes"], dtype=np.uint8)
+            n = repeat if r["nbytes"] >= 1 << 20 else repeat * 20
+            for _ in range(3):
+                await plane.pull(ref, out=out)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                await plane.pull(ref, out=out)
+            rates[name] = n * r["nbytes"] / (time.perf_counter() - t0) / 1e9
+    finally:
+        await plane.close()
+    return rates
+
+
+def memcpy_rate(size: int, repeat: int) -> float:
+    src = np.frombuffer(np.random.default_rng(size).bytes(size), dtype=np.uint8)
+    dst = np.empty_like(src)
+    n = repeat if size >= 1 << 20 else repeat * 20
+    for _ in range(3):
+        np.copyto(dst, src)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        np.copyto(dst, src)
+    return n * size / (time.perf_counter() - t0) / 1e9
+
+
+def role_sock_server(size: int, repeat: int) -> None:
+    data = np.frombuffer(np.random.default_rng(size).bytes(size), dtype=np.uint8)
+    srv = socket.create_server((ADDR[0], SOCK_PORT))
+    print("ready", flush=True)
+    conn, _ = srv.accept()
+    with conn:
+        for _ in range(repeat + 3):
+            conn.recv(1)  # one pull request
+            conn.sendall(data)
+    srv.close()
+
+
+def role_sock_client(size: int, repeat: int) -> None:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    with socket.create_connection((ADDR[0], SOCK_PORT)) as conn:
+        def pull() -> None:
+            conn.sendall(b"g")
+            got = 0
+            while got < size:
+                got += conn.recv_into(view[got:], size - got)
+
+        for _ in range(3):
+            pull()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            pull()
+        print(json.dumps({"socket_GBps": repeat * size / (time.perf_counter() - t0) / 1e9}), flush=True)
+
+
+# -- orchestration -------------------------------------------------------------------------------
+
+def spawn(args: list[str], netns: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    cmd = [sys.executable, os.path.abspath(__file__), *args]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def finish(proc: subprocess.Popen[str]) -> None:
+    try:
+        if proc.stdin and not proc.stdin.closed:
+            proc.stdin.write("\n")
+            proc.stdin.close()
+        proc.wait(30)
+    except Exception:
+        proc.kill()
+        proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+def same_host(repeat: int) -> dict[str, float]:
+    owner = spawn(["--role", "owner"])
+    try:
+        assert owner.stdout is not None
+        refs = json.loads(owner.stdout.readline())
+        rates = asyncio.run(pull_rates(refs, repeat, list(SIZES)))
+    finally:
+        finish(owner)
+    out = {}
+    for name, size in SIZES.items():
+        base = memcpy_rate(size, repeat)
+        out[f"same_host_{name}_GBps"] = round(rates[name], 3)
+        out[f"memcpy_{name}_GBps"] = round(base, 3)
+        out[f"same_host_{name}_ratio"] = round(rates[name] / base, 3)
+    return out
+
+
+def can_make_namespaces() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+def make_namespaces() -> None:
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    teardown_namespaces()
+    for ns in NS:
+        ip("netns", "add", ns)
+    ip("link", "add", "tdb-veth-a", "type", "veth", "peer", "name", "tdb-veth-b")
+    for ns, dev, addr in zip(NS, ("tdb-veth-a", "tdb-veth-b"), ADDR):
+        ip("link", "set", dev, "netns", ns)
+        ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+        ip("-n", ns, "link", "set", dev, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+
+
+def teardown_namespaces() -> None:
+    for ns in NS:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def cross_host(repeat: int) -> dict[str, float]:
+    make_namespaces()
+    tcp_only = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "all"}
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        owner = spawn(["--role", "owner"], NS[0], tcp_only)
+        procs.append(owner)
+        assert owner.stdout is not None
+        refs = owner.stdout.readline()
+        consumer = spawn(["--role", "consumer", "--refs", refs, "--repeat", str(repeat)], NS[1], tcp_only)
+        procs.append(consumer)
+        assert consumer.stdout is not None
+        ucx = json.loads(consumer.stdout.readline())["64MiB"]
+        server = spawn(["--role", "sock-server", "--repeat", str(repeat)], NS[0])
+        procs.append(server)
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        client = spawn(["--role", "sock-client", "--repeat", str(repeat)], NS[1])
+        procs.append(client)
+        assert client.stdout is not None
+        sock = json.loads(client.stdout.readline())["socket_GBps"]
+    finally:
+        for proc in procs:
+            finish(proc)
+        teardown_namespaces()
+    return {"cross_host_64MiB_GBps": round(ucx, 3), "socket_64MiB_GBps": round(sock, 3),
+            "cross_host_64MiB_ratio": round(ucx / sock, 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--repeat", type=int, default=20, help="pulls of the large sizes per measurement")
+    parser.add_argument("--role", help=argparse.SUPPRESS)
+    parser.add_argument("--refs", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "owner":
+        asyncio.run(role_owner())
+        return 0
+    if args.role == "consumer":
+        print(json.dumps(asyncio.run(pull_rates(json.loads(args.refs), args.repeat, ["64MiB"]))), flush=True)
+        return 0
+    if args.role == "sock-server":
+        role_sock_server(SIZES["64MiB"], args.repeat)
+        return 0
+    if args.role == "sock-client":
+        role_sock_client(SIZES["64MiB"], args.repeat)
+        return 0
+
+    from tdist import logs
+
+    logs.configure("warning")
+    summary: dict[str, Any] = {"benchmark": "data_plane", "cores": os.cpu_count(), "python": platform.python_version(),
+                               "repeat": args.repeat}
+    summary.update(same_host(args.repeat))
+    if can_make_namespaces():
+        summary.update(cross_host(args.repeat))
+    else:
+        summary["cross_host_skipped"] = "needs root and iproute2 to make network namespaces"
+    print(f"data plane, {os.cpu_count()} cores; pulls into a reused buffer")
+    print(f"{'':24}{'tdist pull':>12}{'baseline':>12}{'ratio':>8}{'target':>9}")
+    for name in SIZES:
+        print(f"{'same host ' + name:24}{summary[f'same_host_{name}_GBps']:>8.2f} GB/s"
+              f"{summary[f'memcpy_{name}_GBps']:>8.2f} GB/s{summary[f'same_host_{name}_ratio']:>8.2f}"
+              f"{'>= 0.7' if name == '64MiB' else '':>9}")
+    if "cross_host_64MiB_ratio" in summary:
+        print(f"{'across hosts 64MiB':24}{summary['cross_host_64MiB_GBps']:>8.2f} GB/s"
+              f"{summary['socket_64MiB_GBps']:>8.2f} GB/s{summary['cross_host_64MiB_ratio']:>8.2f}{'>= 0.6':>9}")
+        print("  (two network namespaces joined by a veth pair; UCX on TCP; baseline: blocking socket)")
+    else:
+        print(f"across hosts: skipped ({summary['cross_host_skipped']})")
+    print("  baselines: numpy np.copyto into a reused buffer (same host), blocking socket sendall/recv_into")
+    summary["same_host_64MiB_ratio"] = summary["same_host_64MiB_ratio"]
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
