@@ -129,6 +129,16 @@ def spawn(args: list[str], netns: str | None = None, env: dict[str, str] | None 
                             env={**os.environ, **(env or {})})
 
 
+def json_line(proc: subprocess.Popen[str]) -> Any:
+    """The first JSON object a child prints (libraries may print other lines first)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"child {proc.args} printed no result (exit {proc.wait()})")
+
+
 def finish(proc: subprocess.Popen[str]) -> None:
     try:
         if proc.stdin and not proc.stdin.closed:
@@ -145,8 +155,7 @@ def finish(proc: subprocess.Popen[str]) -> None:
 def same_host(repeat: int) -> dict[str, float]:
     owner = spawn(["--role", "owner"])
     try:
-        assert owner.stdout is not None
-        refs = json.loads(owner.stdout.readline())
+        refs = json_line(owner)
         rates = asyncio.run(pull_rates(refs, repeat, list(SIZES)))
     finally:
         finish(owner)
@@ -190,19 +199,16 @@ def cross_host(repeat: int) -> dict[str, float]:
     try:
         owner = spawn(["--role", "owner"], NS[0], tcp_only)
         procs.append(owner)
-        assert owner.stdout is not None
-        refs = owner.stdout.readline()
+        refs = json.dumps(json_line(owner))
         consumer = spawn(["--role", "consumer", "--refs", refs, "--repeat", str(repeat)], NS[1], tcp_only)
         procs.append(consumer)
-        assert consumer.stdout is not None
-        ucx = json.loads(consumer.stdout.readline())["64MiB"]
+        ucx = json_line(consumer)["64MiB"]
         server = spawn(["--role", "sock-server", "--repeat", str(repeat)], NS[0])
         procs.append(server)
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         client = spawn(["--role", "sock-client", "--repeat", str(repeat)], NS[1])
         procs.append(client)
-        assert client.stdout is not None
-        sock = json.loads(client.stdout.readline())["socket_GBps"]
+        sock = json_line(client)["socket_GBps"]
     finally:
         for proc in procs:
             finish(proc)

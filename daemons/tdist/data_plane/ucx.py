@@ -52,7 +52,8 @@ _STOP = 255
 def _configure_ucx_env() -> None:
     """Defaults that suit host memory; ucxx itself would point fragments at CUDA memory."""
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    os.environ.setdefault("UCXPY_PROGRESS_MODE", "blocking")
+    os.environ.setdefault("UCXPY_PROGRESS_MODE", "thread")
+    os.environ.setdefault("UCXPY_ENABLE_PYTHON_FUTURE", "1")
     if not os.path.exists("/dev/nvidiactl"):
         os.environ.setdefault("UCX_RNDV_FRAG_MEM_TYPE", "host")
 
