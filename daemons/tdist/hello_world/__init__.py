@@ -1,0 +1,1 @@
+"""The hello world of the original "Triton Distributed": client -> encoder_decoder -> encoder, decoder."""

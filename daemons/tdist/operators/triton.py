@@ -1,0 +1,150 @@
+"""The Triton operator: a model of a standard Triton model repository, served by a real
+Triton server running as a process beside the worker (the in-process ``tritonserver``
+API needs CPython 3.12 and NVIDIA's container; see platform-facts, section 4).
+
+Operator parameters (TOML ``[workers.operators.parameters]``):
+
+* ``model_repository`` (required): the repository directory;
+* ``model``: the model's name in it (default: the operator's name);
+* ``config``: per-deployment overrides of the model's config.pbtxt, e.g.
+  ``{instance_group = [{count = 2, kind = "KIND_CPU"}], parameters = {delay = "0"}}``;
+* ``protocol`` ("grpc" or "http") and ``shared_memory`` ("auto", "on", "off").
+
+Triton operators of one worker and one repository share one server. If the server
+dies, the operator notices at once, starts it again, reloads its models and serves
+on; a request caught in the crash gets an error response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tdist.errors import ConfigError, TdistError
+from tdist.logs import get_logger
+from tdist.operators import Operator, Request
+
+log = get_logger("tdist.triton_operator")
+
+
+@dataclass
+class _SharedServer:
+    server: Any
+    models: dict[str, Mapping[str, Any] | None] = field(default_factory=dict)
+    users: int = 0
+    watchdog: asyncio.Task[None] | None = None
+    restarting: asyncio.Lock = field(default_factory=asyncio.Lock)
+    restarts: int = 0
+
+
+_servers: dict[str, _SharedServer] = {}
+
+
+async def _acquire(repository: str) -> _SharedServer:
+    from tdist.triton import TritonServer
+
+    shared = _servers.get(repository)
+    if shared is None:
+        server = TritonServer(model_repository=repository)
+        await server.astart()
+        shared = _servers[repository] = _SharedServer(server)
+        shared.watchdog = asyncio.get_running_loop().create_task(_watch(repository, shared))
+    shared.users += 1
+    return shared
+
+
+async def _release(repository: str, shared: _SharedServer) -> None:
+    shared.users -= 1
+    if shared.users > 0:
+        return
+    _servers.pop(repository, None)
+    if shared.watchdog is not None:
+        shared.watchdog.cancel()
+        await asyncio.gather(shared.watchdog, return_exceptions=True)
+    await shared.server.astop()
+
+
+async def _watch(repository: str, shared: _SharedServer) -> None:
+    """Restart a Triton server that died under us, and reload its models."""
+    while True:
+        code = await shared.server.wait_exit()
+        log.error("triton_exited", repository=repository, returncode=code, pid=shared.server.pid,
+                  log_tail=shared.server.log_tail(800))
+        await _restart(shared)
+
+
+async def _restart(shared: _SharedServer) -> None:
+    async with shared.restarting:
+        if shared.server.is_alive():
+            return
+        await shared.server.arestart()
+        shared.restarts += 1
+        for model, overrides in shared.models.items():
+            await shared.server.aload_model(model, overrides)
+        log.info("triton_restarted", pid=shared.server.pid, models=sorted(shared.models), restarts=shared.restarts)
+
+
+class TritonOperator(Operator):
+    def __init__(self, name: str, version: int, parameters: Mapping[str, Any]) -> None:
+        super().__init__(name, version, parameters)
+        repo = parameters.get("model_repository")
+        if not isinstance(repo, str) or not repo:
+            raise ConfigError(f"Triton operator {name} needs parameters.model_repository", key="parameters")
+        self.repository = str(Path(repo).resolve())
+        if not Path(self.repository).is_dir():
+            raise ConfigError(f"model repository {self.repository} does not exist", key="parameters.model_repository")
+        self.model = str(parameters.get("model", name))
+        if not (Path(self.repository) / self.model / "config.pbtxt").is_file():
+            raise ConfigError(f"no model {self.model!r} (config.pbtxt) in {self.repository}", key="parameters.model")
+        overrides = parameters.get("config")
+        self.overrides: Mapping[str, Any] | None = dict(overrides) if isinstance(overrides, Mapping) else None
+        self.protocol = str(parameters.get("protocol", "grpc"))
+        self.shared_memory = str(parameters.get("shared_memory", "auto"))
+        self._shared: _SharedServer | None = None
+        self._client: Any = None
+
+    @property
+    def server(self) -> Any:
+        assert self._shared is not None, "setup() first"
+        return self._shared.server
+
+    async def setup(self) -> None:
+        from tdist.triton import TritonClient
+
+        self._shared = await _acquire(self.repository)
+        try:
+            await self._shared.server.aload_model(self.model, self.overrides)
+            self._shared.models[self.model] = self.overrides
+            address = self._shared.server.grpc_address if self.protocol == "grpc" else self._shared.server.http_address
+            self._client = TritonClient(address, protocol=self.protocol,  # type: ignore[arg-type]
+                                        shared_memory=self.shared_memory)  # type: ignore[arg-type]
+        except BaseException:
+            await _release(self.repository, self._shared)
+            self._shared = None
+            raise
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        if self._shared is not None:
+            self._shared.models.pop(self.model, None)
+            await _release(self.repository, self._shared)
+            self._shared = None
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        assert self._shared is not None and self._client is not None
+        if not self._shared.server.is_alive():
+            await _restart(self._shared)
+        params = {k: v for k, v in request.parameters.items() if isinstance(v, (bool, int, float, str))}
+        try:
+            result = await self._client.infer(self.model, request.inputs, parameters=params,
+                                              timeout=max(0.001, request.remaining()), request_id=request.id)
+        except TdistError:
+            if not self._shared.server.is_alive():
+                log.warning("triton_died_during_request", model=self.model)
+            raise
+        return result.outputs
