@@ -28,6 +28,9 @@ class NatsConfig:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     connect_timeout: float = 5.0
+    embedded: bool = False
+    """This node runs its own nats-server (single-machine deployments), listening on the
+    host and port of ``servers[0]``; the agent (or the hello-world launcher) starts it."""
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -233,6 +236,7 @@ def parse_nats(t: _Table) -> NatsConfig:
         tls_cert_file=t.get("tls_cert_file", str),
         tls_key_file=t.get("tls_key_file", str),
         connect_timeout=_num(t.get("connect_timeout", (int, float))),
+        embedded=t.get("embedded", bool),
     )
 
 

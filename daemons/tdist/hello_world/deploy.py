@@ -1,0 +1,133 @@
+"""Run a deployment file's workers on this machine (the hello world by default).
+
+    python -m tdist.hello_world.deploy                     # start, wait for Ctrl-C
+    python -m tdist.hello_world.deploy --client --requests 100 --concurrency 16
+
+Starts the embedded nats-server when the file says ``[nats] embedded = true``,
+then ``count`` ``tdist-worker`` processes per ``[[workers]]`` entry, each with its
+own JSON log file. With ``--client ...`` it runs ``tdist-client`` with the rest of
+the arguments against the deployment, then drains everything (SIGTERM) and exits
+with the client's exit code. This small launcher stands in for the per-node agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tdist.config import load_worker_file, read_toml
+from tdist.errors import ConfigError
+from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
+
+
+def worker_entries(config: str) -> list[tuple[str, int]]:
+    """(name, count) of every [[workers]] entry, each validated as tdist-worker will read it."""
+    entries = read_toml(config).get("workers")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("needs at least one [[workers]] entry", file=config, key="workers")
+    out = []
+    for i, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        count = entry.get("count", 1) if isinstance(entry, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ConfigError("count must be a whole number >= 0", file=config, key=f"workers[{i}].count")
+        load_worker_file(config, str(name))  # full validation, errors name file and key
+        out.append((str(name), count))
+    return out
+
+
+def start_worker(config: str, name: str, index: int, nats_url: str, log_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    log = log_dir / f"{name}.{index}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tdist.worker.main", "--config", config, "--worker", name, "--nats-url", nats_url,
+         "--log-file", str(log)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait()
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        raise RuntimeError(f"worker {name}.{index} exited with {proc.returncode}; its log ({log}):\n{tail}")
+    return proc, json.loads(line)["worker_id"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    client_args: list[str] | None = None
+    if "--client" in argv:
+        at = argv.index("--client")
+        argv, client_args = argv[:at], argv[at + 1 :]
+    parser = argparse.ArgumentParser(prog="python -m tdist.hello_world.deploy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="etc/tdist/agent.toml")
+    parser.add_argument("--nats-port", type=int, help="embedded server port (0: a free one); default from the file")
+    parser.add_argument("--log-dir", default="logs", help="where each process writes its JSON log")
+    args = parser.parse_args(argv)
+    try:
+        entries = worker_entries(args.config)
+        file = load_worker_file(args.config, entries[0][0])
+    except ConfigError as exc:
+        print(f"deploy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    namespace = file.request_plane.namespace
+    server: EmbeddedNatsServer | None = None
+    workers: list[subprocess.Popen[str]] = []
+    try:
+        nats_url = file.nats.servers[0]
+        if file.nats.embedded:
+            where = urlparse(nats_url)
+            port = args.nats_port if args.nats_port is not None else (where.port or 4222)
+            server = EmbeddedNatsServer(NatsServerOptions(host=where.hostname or "127.0.0.1", port=port,
+                                                          log_file=str(log_dir / "nats-server.log")))
+            server.start()
+            nats_url = server.url
+            print(f"nats-server up at {nats_url} (pid {server.pid}, JetStream), namespace {namespace!r}", flush=True)
+        for name, count in entries:
+            for i in range(count):
+                proc, worker_id = start_worker(args.config, name, i, nats_url, log_dir)
+                workers.append(proc)
+                print(f"worker {worker_id} up (pid {proc.pid}, log {log_dir / f'{name}.{i}.log'})", flush=True)
+        if client_args is None:
+            print("Workers started ... press Ctrl-C to exit", flush=True)
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            stop.wait()
+            code = 0
+        else:
+            code = subprocess.call([sys.executable, "-m", "tdist.client.cli", "--nats-url", nats_url,
+                                    "--namespace", namespace, *client_args])
+        for proc in workers:
+            proc.send_signal(signal.SIGTERM)
+        exits = [proc.wait(120) for proc in workers]
+        print(f"workers drained and exited with {exits}", flush=True)
+        return code if code else (0 if all(e == 0 for e in exits) else 1)
+    except (RuntimeError, OSError) as exc:
+        print(f"deploy: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+        if server is not None:
+            server.stop()
+            print("nats-server stopped", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
