@@ -34,6 +34,8 @@ SIZES = {"64KiB": 64 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
 NS = ("tdist-bench-a", "tdist-bench-b")
 ADDR = ("10.231.77.1", "10.231.77.2")
 SOCK_PORT = 47791
+EH = os.environ.get("TDIST_BENCH_ERROR_HANDLING", "1") == "1"
+"""UCX endpoint error handling in the child processes (the deployment default is on)."""
 
 
 # -- roles run in child processes ------------------------------------------------------------
@@ -42,7 +44,7 @@ async def role_owner() -> None:
     from tdist.config import DataPlaneConfig
     from tdist.data_plane.plane import DataPlane
 
-    plane = await DataPlane("bench-owner", DataPlaneConfig(store_bytes=1 << 30)).start()
+    plane = await DataPlane("bench-owner", DataPlaneConfig(store_bytes=1 << 30, endpoint_error_handling=EH)).start()
     refs = {}
     for name, size in SIZES.items():
         ref = plane.put(np.frombuffer(np.random.default_rng(size).bytes(size), dtype=np.uint8))
@@ -59,7 +61,7 @@ async def pull_rates(refs: dict[str, Any], repeat: int, sizes: list[str], rounds
     from tdist.data_plane.descriptor import TensorRef
     from tdist.data_plane.plane import DataPlane
 
-    plane = await DataPlane("bench-consumer", DataPlaneConfig()).start()
+    plane = await DataPlane("bench-consumer", DataPlaneConfig(endpoint_error_handling=EH)).start()
     rates: dict[str, list[tuple[float, float]]] = {name: [] for name in sizes}
     try:
         for _ in range(rounds):
@@ -155,19 +157,28 @@ def finish(proc: subprocess.Popen[str]) -> None:
         proc.stdout.close()
 
 
-def same_host(repeat: int, rounds: int) -> dict[str, float]:
-    """Pull and memcpy measured back to back, per round; medians over rounds."""
-    owner = spawn(["--role", "owner"])
+def same_host(repeat: int, rounds: int, error_handling: bool) -> dict[str, float]:
+    """Pull and memcpy measured back to back, per round; medians over rounds (in a child process,
+    so that each UCX setting gets a fresh UCX context)."""
+    env = {"TDIST_BENCH_ERROR_HANDLING": "1" if error_handling else "0"}
+    owner = spawn(["--role", "owner"], env=env)
     try:
-        refs = json_line(owner)
-        rates = asyncio.run(pull_rates(refs, repeat, list(SIZES), rounds))
+        refs = json.dumps(json_line(owner))
+        consumer = spawn(["--role", "same-host", "--refs", refs, "--repeat", str(repeat), "--rounds", str(rounds)],
+                         env=env)
+        try:
+            rates = json_line(consumer)
+        finally:
+            finish(consumer)
     finally:
         finish(owner)
+    suffix = "" if error_handling else "_no_error_handling"
     out = {}
     for name in SIZES:
-        out[f"same_host_{name}_GBps"] = round(statistics.median(p for p, _ in rates[name]), 3)
-        out[f"memcpy_{name}_GBps"] = round(statistics.median(m for _, m in rates[name]), 3)
-        out[f"same_host_{name}_ratio"] = round(statistics.median(p / m for p, m in rates[name]), 3)
+        pairs = rates[name]
+        out[f"same_host_{name}_GBps{suffix}"] = round(statistics.median(p for p, _ in pairs), 3)
+        out[f"memcpy_{name}_GBps{suffix}"] = round(statistics.median(m for _, m in pairs), 3)
+        out[f"same_host_{name}_ratio{suffix}"] = round(statistics.median(p / m for p, m in pairs), 3)
     return out
 
 
@@ -235,6 +246,10 @@ def main() -> int:
         rates = asyncio.run(pull_rates(json.loads(args.refs), args.repeat, ["64MiB"]))
         print(json.dumps({name: r[0][0] for name, r in rates.items()}), flush=True)
         return 0
+    if args.role == "same-host":
+        print(json.dumps(asyncio.run(pull_rates(json.loads(args.refs), args.repeat, list(SIZES), args.rounds))),
+              flush=True)
+        return 0
     if args.role == "sock-server":
         role_sock_server(SIZES["64MiB"], args.repeat)
         return 0
@@ -247,7 +262,8 @@ def main() -> int:
     logs.configure("warning")
     summary: dict[str, Any] = {"benchmark": "data_plane", "cores": os.cpu_count(), "python": platform.python_version(),
                                "repeat": args.repeat}
-    summary.update(same_host(args.repeat, args.rounds))
+    summary.update(same_host(args.repeat, args.rounds, error_handling=True))
+    summary.update(same_host(args.repeat, args.rounds, error_handling=False))
     if can_make_namespaces():
         summary.update(cross_host(args.repeat))
     else:
@@ -258,6 +274,11 @@ def main() -> int:
         print(f"{'same host ' + name:24}{summary[f'same_host_{name}_GBps']:>8.2f} GB/s"
               f"{summary[f'memcpy_{name}_GBps']:>8.2f} GB/s{summary[f'same_host_{name}_ratio']:>8.2f}"
               f"{'>= 0.7' if name == '64MiB' else '':>9}")
+    name = "64MiB"
+    print(f"{'same host 64MiB, EH off':24}{summary[f'same_host_{name}_GBps_no_error_handling']:>8.2f} GB/s"
+          f"{summary[f'memcpy_{name}_GBps_no_error_handling']:>8.2f} GB/s"
+          f"{summary[f'same_host_{name}_ratio_no_error_handling']:>8.2f}{'>= 0.7':>9}")
+    print("  (EH off: [data_plane] endpoint_error_handling = false, shared memory; default is on, TCP)")
     if "cross_host_64MiB_ratio" in summary:
         print(f"{'across hosts 64MiB':24}{summary['cross_host_64MiB_GBps']:>8.2f} GB/s"
               f"{summary['socket_64MiB_GBps']:>8.2f} GB/s{summary['cross_host_64MiB_ratio']:>8.2f}{'>= 0.6':>9}")

@@ -84,6 +84,12 @@ class DataPlaneConfig:
     """Seconds a reference lives if its consumer never releases it (a consumer that died)."""
     pull_timeout: float = 30.0
     """Seconds a pull, reference or release may take before the owner counts as unreachable."""
+    endpoint_error_handling: bool = True
+    """UCX peer-failure handling. On (the default): a peer that dies is detected within
+    milliseconds and every process keeps serving, but UCX uses TCP even on one host. Off:
+    shared memory on one host (about twice the bandwidth), but a peer killed in the middle of
+    a transfer can abort or stall the other process (measured; see README). One setting for
+    every process of a deployment."""
 
     def __post_init__(self) -> None:
         if self.inline_threshold < 0:
@@ -264,6 +270,7 @@ def parse_data_plane(t: _Table) -> DataPlaneConfig:
         store_bytes=t.get("store_bytes", int),
         lease=_num(t.get("lease", (int, float))),
         pull_timeout=_num(t.get("pull_timeout", (int, float))),
+        endpoint_error_handling=t.get("endpoint_error_handling", bool),
     )
 
 

@@ -102,6 +102,11 @@ class EventDriver:
         arr = self._Array(buf)
         return self._submit(ep._ep.tag_send(arr, self._Tag(tag)), arr)
 
+    def recv_on(self, ep: Any, buf: Any, tag: int) -> asyncio.Future[None]:
+        """A receive posted on ``ep`` (matched by tag from any sender; aborting ``ep`` cancels it)."""
+        arr = self._Array(buf)
+        return self._submit(ep._ep.tag_recv(arr, self._Tag(tag), self._TagMaskFull), arr)
+
     def recv(self, buf: Any, tag: int) -> asyncio.Future[None]:
         """A receive matched on the worker: from any sender."""
         arr = self._Array(buf)
