@@ -16,13 +16,17 @@ $(STAMP): pyproject.toml scripts/setup-venv.sh
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m tdist.demo
+	$(PY) -m tdist.hello_world.deploy --config etc/tdist/agent.toml --nats-port 0 --log-dir logs \
+		--client --requests 100 --concurrency 16
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) benchmarks/request_plane.py
+	$(PY) benchmarks/data_plane.py
+	$(PY) benchmarks/triton_operator.py
+	$(PY) benchmarks/hello_world.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache logs
