@@ -99,3 +99,37 @@ class Holder(Operator):
         await request.send({"started": np.array([1], dtype=np.int8)})
         await asyncio.sleep(float(request.parameters.get("delay", 3600)))
         return {}
+
+
+class OutputEcho(Operator):
+    """Answers ``{"output": input}``: a correct stand-in for the hello world's encoder_decoder."""
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        return {"output": request.input("input")}
+
+
+class WrongEcho(Operator):
+    """Answers ``{"output": input + [0]}``: wrong for every input (tdist-client must notice)."""
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        return {"output": np.append(request.input("input"), np.int64(0))}
+
+
+class PyEncoder(Operator):
+    """The Triton hello-world encoder in Python: ``output = tile(~x, k)``, ``input_copies = [k]``."""
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        k = int(request.parameters.get("input_copies", 1))
+        return {"output": np.tile(np.invert(request.input("input")), k),
+                "input_copies": np.array([k], dtype=np.int64)}
+
+
+class PyDecoder(Operator):
+    """The Triton hello-world decoder in Python: ``output = ~y[: len(y) // k]``, k from the
+    ``input_copies`` input, else the request parameter."""
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        y = request.input("input")
+        copies = request.inputs.get("input_copies")
+        k = int(copies.reshape(-1)[0]) if copies is not None else int(request.parameters.get("input_copies", 1))
+        return {"output": np.invert(y[: len(y) // k])}
