@@ -1,0 +1,308 @@
+"""Drive supervisord over XML-RPC on its unix socket, and run it as a child process.
+
+Stdlib only: an ``http.client.HTTPConnection`` that connects an ``AF_UNIX`` socket under
+``xmlrpc.client``. Calls block, so each ``a*`` coroutine runs its call in a thread
+(``asyncio.to_thread``); a fresh ServerProxy per call keeps concurrent calls independent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tdist import logs
+from tdist.errors import TdistError
+
+log = logs.get_logger("tdist.agent.supervisor")
+
+# supervisor.xmlrpc.Faults, the ones the agent tells apart
+BAD_NAME = 10
+ALREADY_STARTED = 60
+NOT_RUNNING = 70
+ALREADY_ADDED = 90
+STILL_RUNNING = 91
+SHUTDOWN_STATE = 6
+
+RUNNING_STATES = ("STARTING", "RUNNING", "BACKOFF")
+
+
+class SupervisorError(TdistError):
+    """supervisord refused a call (``fault`` is supervisor's fault code) or is unreachable."""
+
+    code = "SUPERVISOR"
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__()
+        self.unix_path = path
+        self.timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        return _UnixConnection(self.unix_path, self.timeout)
+
+
+@dataclass(frozen=True)
+class ReloadDiff:
+    added: tuple[str, ...]
+    changed: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+class SupervisorClient:
+    """XML-RPC client of one supervisord: ``call`` blocks, the ``a*`` methods are coroutines."""
+
+    def __init__(self, socket_path: str, timeout: float = 30.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def call(self, method: str, *args: Any) -> Any:
+        proxy = xmlrpc.client.ServerProxy(
+            "http://localhost/RPC2", transport=_UnixTransport(self.socket_path, self.timeout), allow_none=True
+        )
+        fn: Any = proxy
+        for part in method.split("."):
+            fn = getattr(fn, part)
+        try:
+            return fn(*args)
+        except xmlrpc.client.Fault as exc:
+            raise SupervisorError(f"{method}: {exc.faultString}", fault=exc.faultCode, method=method) from None
+        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
+            raise SupervisorError(f"{method}: supervisord unreachable: {exc}", method=method) from None
+        finally:
+            proxy("close")()
+
+    async def acall(self, method: str, *args: Any) -> Any:
+        return await asyncio.to_thread(self.call, method, *args)
+
+    # --- blocking helpers -------------------------------------------------------------
+
+    def get_state(self) -> str:
+        """``RUNNING``, ``RESTARTING``, ``SHUTDOWN`` or ``FATAL``."""
+        return self.call("supervisor.getState")["statename"]
+
+    def all_process_info(self) -> list[dict[str, Any]]:
+        return self.call("supervisor.getAllProcessInfo")
+
+    def process_info(self, name: str) -> dict[str, Any]:
+        return self.call("supervisor.getProcessInfo", name)
+
+    def start_process(self, name: str, wait: bool = True) -> bool:
+        return self.call("supervisor.startProcess", name, wait)
+
+    def stop_process(self, name: str, wait: bool = True) -> bool:
+        return self.call("supervisor.stopProcess", name, wait)
+
+    def signal_process(self, name: str, sig: str | int) -> bool:
+        return self.call("supervisor.signalProcess", name, str(sig))
+
+    def reload_config(self) -> ReloadDiff:
+        """Make supervisord re-read its file; nothing changes in the running processes yet."""
+        [[added, changed, removed]] = self.call("supervisor.reloadConfig")
+        return ReloadDiff(tuple(added), tuple(changed), tuple(removed))
+
+    def add_process_group(self, name: str) -> bool:
+        return self.call("supervisor.addProcessGroup", name)
+
+    def remove_process_group(self, name: str) -> bool:
+        return self.call("supervisor.removeProcessGroup", name)
+
+    def stop_process_group(self, name: str, wait: bool = True) -> list[dict[str, Any]]:
+        return self.call("supervisor.stopProcessGroup", name, wait)
+
+    def shutdown(self) -> bool:
+        return self.call("supervisor.shutdown")
+
+    def update(self) -> ReloadDiff:
+        """``supervisorctl update``: re-read the file, stop and drop removed and changed groups,
+        add changed and new ones (autostart starts them). Unchanged programs keep running."""
+        diff = self.reload_config()
+        for name in (*diff.removed, *diff.changed):
+            self._stop_group(name)
+            self.remove_process_group(name)
+        for name in (*diff.changed, *diff.added):
+            try:
+                self.add_process_group(name)
+            except SupervisorError as exc:
+                if exc.details.get("fault") != ALREADY_ADDED:
+                    raise
+        return diff
+
+    def _stop_group(self, name: str) -> None:
+        try:
+            self.stop_process_group(name, True)
+        except SupervisorError as exc:
+            if exc.details.get("fault") != BAD_NAME:
+                raise
+
+    # --- coroutine versions ----------------------------------------------------------------
+
+    async def aget_state(self) -> str:
+        return await asyncio.to_thread(self.get_state)
+
+    async def aall_process_info(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.all_process_info)
+
+    async def astart_process(self, name: str, wait: bool = True) -> bool:
+        return await asyncio.to_thread(self.start_process, name, wait)
+
+    async def astop_process(self, name: str, wait: bool = True) -> bool:
+        return await asyncio.to_thread(self.stop_process, name, wait)
+
+    async def areload_config(self) -> ReloadDiff:
+        return await asyncio.to_thread(self.reload_config)
+
+    async def aupdate(self) -> ReloadDiff:
+        return await asyncio.to_thread(self.update)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Supervisord:
+    """supervisord as a child process (its own session), driven through ``client``."""
+
+    def __init__(
+        self,
+        conf_path: str,
+        socket_path: str,
+        *,
+        python: str = sys.executable,
+        output_path: str | None = None,
+        rpc_timeout: float = 30.0,
+    ) -> None:
+        self.conf_path = conf_path
+        self.socket_path = socket_path
+        self.python = python
+        self.output_path = output_path or os.path.join(os.path.dirname(os.path.abspath(conf_path)),
+                                                       "supervisord.out")
+        self.client = SupervisorClient(socket_path, timeout=rpc_timeout)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start supervisord and return once its RPC answers RUNNING."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise SupervisorError("supervisord is already running", pid=self.proc.pid)
+        if os.path.exists(self.socket_path) and self._answers():
+            raise SupervisorError("another supervisord answers on the socket", socket=self.socket_path)
+        with open(self.output_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [self.python, "-m", "supervisor.supervisord", "-c", self.conf_path],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        log.info("supervisord_started", pid=self.proc.pid, conf=self.conf_path)
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise SupervisorError(f"supervisord exited with {code} at start: {self._output_tail()}",
+                                      conf=self.conf_path)
+            if self._answers():
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise SupervisorError(f"supervisord did not answer within {timeout}s: {self._output_tail()}",
+                                      conf=self.conf_path)
+            time.sleep(0.05)
+
+    def _answers(self) -> bool:
+        try:
+            return SupervisorClient(self.socket_path, timeout=2.0).get_state() == "RUNNING"
+        except SupervisorError:
+            return False
+
+    def _output_tail(self) -> str:
+        try:
+            with open(self.output_path, "rb") as fh:
+                return fh.read()[-2000:].decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def program_pids(self) -> list[int]:
+        try:
+            return [p["pid"] for p in self.client.all_process_info() if p.get("pid")]
+        except SupervisorError:
+            return []
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """``supervisor.shutdown`` (programs get their stop signal and stopwaitsecs), wait for the
+        exit, then SIGKILL supervisord and whatever program process groups are left."""
+        if self.proc is None:
+            return None
+        pids = self.program_pids() if self.proc.poll() is None else []
+        if self.proc.poll() is None:
+            try:
+                self.client.shutdown()
+            except SupervisorError as exc:
+                log.warning("supervisord_shutdown_failed", error=str(exc))
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("supervisord_kill", pid=self.proc.pid)
+        self.kill(pids)
+        return self.proc.returncode
+
+    def kill(self, pids: Sequence[int] = ()) -> None:
+        """SIGKILL supervisord (by PID) and the process groups of ``pids`` (its programs)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in pids:
+            if _alive(pid):
+                try:
+                    os.killpg(pid, signal.SIGKILL)  # each program leads its own process group
+                except (ProcessLookupError, PermissionError):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    async def astart(self, timeout: float = 20.0) -> None:
+        await asyncio.to_thread(self.start, timeout)
+
+    async def astop(self, timeout: float = 60.0) -> int | None:
+        return await asyncio.to_thread(self.stop, timeout)
+
+    def __enter__(self) -> Supervisord:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
