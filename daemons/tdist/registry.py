@@ -85,6 +85,22 @@ class WorkerInfo:
         return cls(**raw)
 
 
+async def open_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
+    """A registry bucket: one value per key, per-entry TTLs, limit markers for watchers."""
+    cfg = KeyValueConfig(bucket=bucket, history=1, limit_marker_ttl=LIMIT_MARKER_TTL)
+    try:
+        return await js.create_key_value(cfg)
+    except BadRequestError:
+        return await js.key_value(bucket)  # exists with another config: use it as it is
+    except Exception as exc:
+        raise RegistryError(f"cannot open registry bucket {bucket}: {exc}", bucket=bucket) from exc
+
+
+async def put_with_ttl(js: JetStreamContext, bucket: str, key: str, value: bytes, ttl: float) -> None:
+    """Write an entry that expires ``ttl`` seconds from now unless written again."""
+    await js.publish(f"$KV.{bucket}.{key}", value, msg_ttl=max(1, round(ttl)))
+
+
 class Registry:
     """The workers bucket of one namespace."""
 
@@ -92,24 +108,15 @@ class Registry:
         self.js = js
         self.kv = kv
         self.namespace = namespace
-        self._prefix = f"$KV.{subjects.workers_bucket(namespace)}."
         self._watches: weakref.WeakSet[RegistryWatch] = weakref.WeakSet()
 
     @classmethod
     async def open(cls, js: JetStreamContext, namespace: str) -> Registry:
-        bucket = subjects.workers_bucket(namespace)
-        cfg = KeyValueConfig(bucket=bucket, history=1, limit_marker_ttl=LIMIT_MARKER_TTL)
-        try:
-            kv = await js.create_key_value(cfg)
-        except BadRequestError:
-            kv = await js.key_value(bucket)  # exists with another config: use it as it is
-        except Exception as exc:
-            raise RegistryError(f"cannot open registry bucket {bucket}: {exc}", bucket=bucket) from exc
-        return cls(js, kv, namespace)
+        return cls(js, await open_bucket(js, subjects.workers_bucket(namespace)), namespace)
 
     async def put(self, info: WorkerInfo) -> None:
         """Write (or refresh) an entry; it expires ``info.ttl`` seconds after this call."""
-        await self.js.publish(self._prefix + info.id, info.to_json(), msg_ttl=max(1, round(info.ttl)))
+        await put_with_ttl(self.js, subjects.workers_bucket(self.namespace), info.id, info.to_json(), info.ttl)
 
     async def delete(self, worker_id: str) -> None:
         await self.kv.delete(worker_id)

@@ -1,0 +1,193 @@
+"""tdist-agent as a real process: supervisord, GPUs, registry, HTTP, SIGHUP, SIGTERM, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tdist.client import Client
+from tests.conftest import OPERATORS
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def agent_toml(tmp: Path, nats_url: str, namespace: str, *, count: int, gpus: int) -> str:
+    return f"""
+gpus = {list(range(gpus))}
+[node]
+name = "testnode"
+[nats]
+servers = ["{nats_url}"]
+[request_plane]
+namespace = "{namespace}"
+ack_wait = 5.0
+storage = "memory"
+max_bytes = 16777216
+[directories]
+state_dir = "{tmp / 'state'}"
+log_dir = "{tmp / 'logs'}"
+[http]
+port = 0
+[logging]
+level = "info"
+[[workers]]
+name = "count"
+count = {count}
+gpus_per_instance = 1
+registry_ttl = 2.0
+drain_timeout = 30.0
+[[workers.operators]]
+name = "ann"
+implementation = "{OPERATORS}:Announcing"
+max_inflight = 4
+[workers.operators.parameters]
+delay = 1.0
+"""
+
+
+class AgentProcess:
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.proc = subprocess.Popen([sys.executable, "-m", "tdist.agent.main", "--config", str(config)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert "http on port" in line, f"agent did not start: {line!r}"
+        self.port = int(line.rsplit(" ", 1)[1])
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        for _ in range(int(timeout * 10)):
+            if self.get("/ready")[0] == 200:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"agent never ready: {self.get('/ready')}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(60)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def supervised_pids(state: Path) -> list[int]:
+    from tdist.agent.supervisor_rpc import SupervisorClient
+
+    try:
+        return [i["pid"] for i in SupervisorClient(str(state / "supervisor.sock")).all_process_info() if i["pid"]]
+    except Exception:
+        return []
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+async def workers_of(client: Client) -> dict:  # type: ignore[type-arg]
+    return {w.id: w for w in (await client.workers()).values() if w.node == "testnode" and w.state == "serving"}
+
+
+async def test_agent_end_to_end(tmp_path: Path, nats_server, namespace: str, client: Client) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(agent_toml(tmp_path, nats_server.url, namespace, count=2, gpus=2))
+    agent = AgentProcess(config)
+    leftovers: list[int] = []
+    try:
+        assert agent.get("/live")[0] == 200
+        await agent.wait_ready()
+        ws = await workers_of(client)
+        assert sorted(w.gpus for w in ws.values()) == [("0",), ("1",)]  # CUDA_VISIBLE_DEVICES per instance
+        assert 'tdist_agent_workers{state="RUNNING"} 2' in agent.get("/metrics")[1]
+
+        # A worker killed with SIGKILL: its entry goes at once, supervisord restarts it, it registers again.
+        victim = next(iter(ws.values()))
+        os.kill(victim.pid, signal.SIGKILL)
+        for _ in range(100):
+            now = await workers_of(client)
+            if victim.id not in now or now[victim.id].pid != victim.pid:
+                break
+            await asyncio.sleep(0.05)
+        await agent.wait_ready()
+        assert (await workers_of(client))[victim.id].pid != victim.pid
+
+        # SIGHUP with one more instance starts only the new one.
+        before = {w.id: w.pid for w in (await workers_of(client)).values()}
+        config.write_text(agent_toml(tmp_path, nats_server.url, namespace, count=3, gpus=3))
+        agent.proc.send_signal(signal.SIGHUP)
+        for _ in range(300):
+            if len(await workers_of(client)) == 3 and agent.get("/ready")[0] == 200:
+                break
+            await asyncio.sleep(0.1)
+        after = {w.id: w.pid for w in (await workers_of(client)).values()}
+        assert len(after) == 3 and all(after[i] == pid for i, pid in before.items())
+
+        # An invalid file on SIGHUP leaves the running set as it was.
+        config.write_text("[[workers]]\nname = 'x'\ncount = -1\n")
+        agent.proc.send_signal(signal.SIGHUP)
+        for _ in range(50):
+            if "tdist_agent_reload_failures_total 1" in agent.get("/metrics")[1]:
+                break
+            await asyncio.sleep(0.1)
+        assert "tdist_agent_reload_failures_total 1" in agent.get("/metrics")[1]
+        assert {w.id: w.pid for w in (await workers_of(client)).values()} == after
+        config.write_text(agent_toml(tmp_path, nats_server.url, namespace, count=3, gpus=3))
+
+        # An agent killed with SIGKILL and started again leaves one set of workers, not two.
+        leftovers = supervised_pids(tmp_path / "state")
+        agent.proc.kill()
+        agent.stop()
+        agent = AgentProcess(config)
+        await agent.wait_ready()
+        assert all(not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+                   for pid in leftovers)
+        assert len(supervised_pids(tmp_path / "state")) == 3
+        assert len(await workers_of(client)) == 3
+
+        # SIGTERM with requests in flight completes every one of them before the agent exits.
+        op = client.operator("ann")
+        streams = [await op.call({"i": np.array([i])}, timeout=60) for i in range(6)]
+        for s in streams:
+            first = await s.__anext__()
+            assert not first.final
+        agent.proc.send_signal(signal.SIGTERM)
+        finals = [[r async for r in s][-1] for s in streams]
+        assert [f.outputs["i"].tolist() for f in finals] == [[i] for i in range(6)]
+        assert all(f.attempt == 1 for f in finals)
+        assert await asyncio.to_thread(agent.proc.wait, 120) == 0
+        assert await workers_of(client) == {}
+    finally:
+        agent.stop()
+        kill_all(supervised_pids(tmp_path / "state") + leftovers)
+
+
+def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.toml"
+    bad.write_text("[nats]\nservers = ['nats://127.0.0.1:4222']\nbogus = 1\n[[workers]]\nname = 'w'\n")
+    run = subprocess.run([sys.executable, "-m", "tdist.agent.main", "check-config", str(bad)],
+                         capture_output=True, text=True)
+    assert run.returncode == 1
+    assert "nats.bogus" in run.stderr and str(bad) in run.stderr
+    good = subprocess.run([sys.executable, "-m", "tdist.agent.main", "check-config", "etc/tdist/agent.toml"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert good.returncode == 0, good.stderr
