@@ -80,7 +80,7 @@ def error_of(tmp_path: Path, text: str) -> ConfigError:
 # --- the configuration ---------------------------------------------------------------------
 
 
-def test_hello_world_file_loads_with_defaults() -> None:
+def test_hello_world_file_loads() -> None:
     config = load_agent_config(HELLO)
     assert config.file == str(HELLO)
     assert config.nats.embedded is True
@@ -90,9 +90,9 @@ def test_hello_world_file_loads_with_defaults() -> None:
         ("encoder", 1, 0), ("decoder", 1, 0), ("encoder_decoder", 1, 0)
     ]
     assert config.workers[0].worker.operators[0].parameters["model_repository"] == "model_repository"
-    assert config.node.gpus == "auto"
-    assert config.directories.state_dir == "/var/lib/tdist"
-    assert config.directories.log_dir == "/var/log/tdist"
+    assert config.node.gpus == ()  # "none": CPU workers
+    assert config.directories.state_dir == ".tdist/state"
+    assert config.directories.log_dir == "logs"
     assert (config.http.host, config.http.port) == ("127.0.0.1", 9090)
     assert config.node.name  # the host name
     assert config.workers[0].worker.node == config.node.name

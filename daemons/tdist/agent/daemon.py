@@ -15,6 +15,7 @@ stops the workers (each drains within its budget), the node deregisters, exit 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -57,9 +58,11 @@ class AgentStatus:
 
 
 class Agent:
-    def __init__(self, config_path: str) -> None:
+    def __init__(self, config_path: str, *, nats_url: str | None = None, http_port: int | None = None) -> None:
         self.config_path = config_path
-        self.config: AgentConfig = load_agent_config(config_path)
+        self._nats_url = nats_url
+        self._http_port = http_port
+        self.config: AgentConfig = self._load()
         self.status = AgentStatus()
         self.programs: tuple[Program, ...] = ()
         self.gpus: tuple[GpuInfo, ...] = ()
@@ -69,6 +72,15 @@ class Agent:
         self.http: asyncio.AbstractServer | None = None
         self.http_port = 0
         self.started_at = time.time()
+
+    def _load(self) -> AgentConfig:
+        """The file, with the command line's overrides (kept on every reload)."""
+        cfg = load_agent_config(self.config_path)
+        if self._nats_url is not None:
+            cfg = dataclasses.replace(cfg, nats=dataclasses.replace(cfg.nats, servers=(self._nats_url,)))
+        if self._http_port is not None:
+            cfg = dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, port=self._http_port))
+        return cfg
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -137,7 +149,7 @@ class Agent:
     async def reload(self) -> None:
         """Re-read the file; apply it only if it is valid (the running set stays otherwise)."""
         try:
-            cfg = load_agent_config(self.config_path)
+            cfg = self._load()
             if (cfg.nats, cfg.directories, cfg.http, cfg.node.name) != (
                 self.config.nats, self.config.directories, self.config.http, self.config.node.name
             ):

@@ -35,13 +35,13 @@ def check_config(path: str) -> int:
     return 0
 
 
-async def run(config_path: str) -> int:
+async def run(config_path: str, nats_url: str | None = None, http_port: int | None = None) -> int:
     stop, reload = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
-    agent = Agent(config_path)
+    agent = Agent(config_path, nats_url=nats_url, http_port=http_port)
     try:
         await agent.start()
         print(f"tdist-agent: serving, http on port {agent.http_port}", flush=True)
@@ -61,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tdist-agent", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--nats-url", help="replaces [nats] servers (the embedded server listens there)")
+    parser.add_argument("--http-port", type=int, help="replaces [http] port (0: a free one)")
     opts = parser.parse_args(args)
     try:
         cfg = load_agent_config(opts.config)
@@ -69,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     logs.configure(cfg.logging.level, file=cfg.logging.file, component="agent", node=cfg.node.name)
     try:
-        return asyncio.run(run(opts.config))
+        return asyncio.run(run(opts.config, opts.nats_url, opts.http_port))
     except TdistError as exc:
         log.error("agent_failed", error=str(exc), code=exc.code)
         print(f"tdist-agent: {exc}", file=sys.stderr)

@@ -1,13 +1,13 @@
-"""Run a deployment file's workers on this machine (the hello world by default).
+"""Run a deployment file on this machine (the hello world by default), and optionally a client.
 
     python -m tdist.hello_world.deploy                     # start, wait for Ctrl-C
     python -m tdist.hello_world.deploy --client --requests 100 --concurrency 16
 
-Starts the embedded nats-server when the file says ``[nats] embedded = true``,
-then ``count`` ``tdist-worker`` processes per ``[[workers]]`` entry, each with its
-own JSON log file. With ``--client ...`` it runs ``tdist-client`` with the rest of
-the arguments against the deployment, then drains everything (SIGTERM) and exits
-with the client's exit code. This small launcher stands in for the per-node agent.
+By default this runs ``tdist-agent`` on the file (it starts the embedded nats-server
+and the workers under supervisord) and waits for its ``/ready``. With ``--no-agent``
+it starts the nats-server and ``tdist-worker`` processes itself. With ``--client ...``
+it then runs ``tdist-client`` with the rest of the arguments, drains everything
+(SIGTERM) and exits with the client's exit code.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -60,6 +64,82 @@ def start_worker(config: str, name: str, index: int, nats_url: str, log_dir: Pat
     return proc, json.loads(line)["worker_id"]
 
 
+def through_agent(config: str, nats_port: int | None, client_args: list[str] | None) -> int:
+    """Run tdist-agent on ``config``; wait for /ready; run the client; drain with SIGTERM."""
+    try:
+        file = load_worker_file(config, worker_entries(config)[0][0])
+    except ConfigError as exc:
+        print(f"deploy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "tdist.agent.main", "--config", config, "--http-port", "0"]
+    nats_url = file.nats.servers[0]
+    if nats_port is not None:
+        host = urlparse(nats_url).hostname or "127.0.0.1"
+        nats_url = f"nats://{host}:{nats_port or _free_port(host)}"
+        cmd += ["--nats-url", nats_url]
+    os.makedirs("logs", exist_ok=True)
+    with open(os.path.join("logs", "agent.log"), "ab") as agent_log:  # its JSON log lines
+        agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=agent_log, text=True)
+    try:
+        assert agent.stdout is not None
+        line = agent.stdout.readline()
+        if "http on port" not in line:
+            print(f"deploy: tdist-agent failed to start (exit {agent.wait()}); see logs/agent.log", file=sys.stderr)
+            return 1
+        port = int(line.rsplit(" ", 1)[1])
+        print(f"tdist-agent up (pid {agent.pid}, log logs/agent.log), nats at {nats_url}, "
+              f"http on 127.0.0.1:{port}", flush=True)
+        if not _wait_ready(port, agent, timeout=300):
+            print("deploy: the agent's workers did not become ready", file=sys.stderr)
+            return 1
+        print(f"deployment ready: {_get(port, '/ready')[1].strip()}", flush=True)
+        if client_args is None:
+            print("Workers started ... press Ctrl-C to exit", flush=True)
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            stop.wait()
+            code = 0
+        else:
+            code = subprocess.call([sys.executable, "-m", "tdist.client.cli", "--nats-url", nats_url,
+                                    "--namespace", file.request_plane.namespace, *client_args])
+        agent.send_signal(signal.SIGTERM)
+        agent_code = agent.wait(300)
+        print(f"tdist-agent drained its workers and exited with {agent_code}", flush=True)
+        return code or agent_code
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        if agent.stdout:
+            agent.stdout.close()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:
+        return 0, str(e)
+
+
+def _wait_ready(port: int, agent: subprocess.Popen[str], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and agent.poll() is None:
+        if _get(port, "/ready")[0] == 200:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     client_args: list[str] | None = None
@@ -70,8 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="etc/tdist/agent.toml")
     parser.add_argument("--nats-port", type=int, help="embedded server port (0: a free one); default from the file")
-    parser.add_argument("--log-dir", default="logs", help="where each process writes its JSON log")
+    parser.add_argument("--log-dir", default="logs", help="where each process writes its JSON log (--no-agent)")
+    parser.add_argument("--no-agent", action="store_true", help="start the workers here instead of via tdist-agent")
     args = parser.parse_args(argv)
+    if not args.no_agent:
+        return through_agent(args.config, args.nats_port, client_args)
     try:
         entries = worker_entries(args.config)
         file = load_worker_file(args.config, entries[0][0])
