@@ -63,7 +63,10 @@ async def _release(repository: str, shared: _SharedServer) -> None:
     _servers.pop(repository, None)
     if shared.watchdog is not None:
         shared.watchdog.cancel()
-        await asyncio.gather(shared.watchdog, return_exceptions=True)
+        try:
+            await asyncio.wait_for(asyncio.gather(shared.watchdog, return_exceptions=True), 30)
+        except TimeoutError:
+            log.warning("triton_watchdog_stuck", repository=repository)
     await shared.server.astop()
 
 

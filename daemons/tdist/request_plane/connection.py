@@ -95,6 +95,6 @@ async def close_connection(nc: NatsClient) -> None:
     except Exception as exc:
         log.warning("nats_flush_failed", error=str(exc))
     try:
-        await nc.close()
+        await asyncio.wait_for(nc.close(), CLOSE_STEP_TIMEOUT)
     except Exception as exc:
         log.warning("nats_close_failed", error=str(exc))

@@ -47,6 +47,7 @@ from tdist.worker.states import WorkerState, check_transition
 log = get_logger("tdist.worker")
 
 _CANCELLED_MEMORY = 10_000
+OPERATOR_CLOSE_TIMEOUT = 60.0
 OUTPUT_RELEASE_WAIT = 10.0
 DEADLINE_SWEEP = 0.05
 
@@ -67,6 +68,15 @@ class _Held:
     refs: list[TensorRef] = field(default_factory=list)
     """Tensor references this request holds (its inputs, kept child outputs)."""
     last_progress: float = field(default_factory=time.monotonic)
+
+
+async def _bounded(step: str, aw: Any, timeout: float = CLOSE_STEP_TIMEOUT) -> None:
+    try:
+        await asyncio.wait_for(aw, timeout)
+    except TimeoutError:
+        log.warning("close_step_timed_out", step=step, seconds=timeout)
+    except Exception as exc:
+        log.warning("close_step_failed", step=step, error=f"{type(exc).__name__}: {exc}")
 
 
 class OperatorRunner:
@@ -237,32 +247,27 @@ class Worker:
         await self._close_resources()
 
     async def _close_resources(self) -> None:
+        """Release everything, each step bounded: a stuck step is logged, never a stuck worker."""
         for task in self._maintenance:
             task.cancel()
-        await asyncio.gather(*self._maintenance, return_exceptions=True)
+        await _bounded("maintenance", asyncio.gather(*self._maintenance, return_exceptions=True))
         self._maintenance = []
         for puller in self._pullers():
-            await puller.stop()
+            await _bounded("puller_stop", puller.stop())
         if self.registry is not None:
-            try:
-                async with asyncio.timeout(CLOSE_STEP_TIMEOUT):
-                    await self.registry.delete(self.id)
-            except Exception as exc:
-                log.warning("deregister_failed", worker=self.id, error=str(exc))
+            await _bounded("deregister", self.registry.delete(self.id))
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _bounded("tasks", asyncio.gather(*self._tasks, return_exceptions=True))
         for runner in self.runners.values():
-            try:
-                await runner.instance.close()
-            except Exception as exc:
-                log.warning("operator_close_failed", operator=runner.config.name, error=str(exc))
+            await _bounded(f"operator_close {runner.config.name}", runner.instance.close(), OPERATOR_CLOSE_TIMEOUT)
         if self.caller is not None:
-            await self.caller.close()
+            await _bounded("caller_close", self.caller.close())
         # Callers may still be pulling outputs of the last requests: give them a moment.
-        await self.data_plane.close(wait_for_release=min(self.config.drain_timeout, OUTPUT_RELEASE_WAIT))
+        wait = min(self.config.drain_timeout, OUTPUT_RELEASE_WAIT)
+        await _bounded("data_plane_close", self.data_plane.close(wait_for_release=wait), wait + 15)
         if self.nc is not None:
-            await close_connection(self.nc)
+            await _bounded("nats_close", close_connection(self.nc), 3 * CLOSE_STEP_TIMEOUT)
         log.info("worker_stopped", worker=self.id)
 
     def _pullers(self) -> list[Puller]:
