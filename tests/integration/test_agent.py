@@ -118,7 +118,9 @@ async def test_agent_end_to_end(tmp_path: Path, nats_server, namespace: str, cli
         await agent.wait_ready()
         ws = await workers_of(client)
         assert sorted(w.gpus for w in ws.values()) == [("0",), ("1",)]  # CUDA_VISIBLE_DEVICES per instance
-        assert 'tdist_agent_workers{state="RUNNING"} 2' in agent.get("/metrics")[1]
+        metrics = agent.get("/metrics")[1]
+        assert 'tdist_agent_workers{state="RUNNING"} 2' in metrics
+        assert all(f'tdist_worker_requests_total{{worker="{wid}"}}' in metrics for wid in ws)
 
         # A worker killed with SIGKILL: its entry goes at once, supervisord restarts it, it registers again.
         victim = next(iter(ws.values()))

@@ -9,16 +9,41 @@ from tdist.agent.daemon import Agent
 ETC = Path(__file__).resolve().parents[2] / "etc" / "tdist" / "agent.toml"
 
 
+def entry(wid: str, pid: int):  # type: ignore[no-untyped-def]
+    from tdist.registry import WorkerInfo
+
+    return WorkerInfo(id=wid, name="w", node="n", pid=pid, state="serving", operators=(), started_at=0.0)
+
+
 def test_ready_only_after_registration() -> None:
     agent = Agent(str(ETC))
     agent.programs = agent._plan(agent.config, ())
     assert not agent.ready()  # nothing running yet
     agent.status.states = {p.name: "RUNNING" for p in agent.programs}
     assert not agent.ready()  # running, but not registered
-    agent.status.registered = {p.worker_id for p in agent.programs[:-1]}
+    agent.status.pids = {p.name: 100 + i for i, p in enumerate(agent.programs)}
+    agent.status.entries = {p.worker_id: entry(p.worker_id, 100 + i) for i, p in enumerate(agent.programs[:-1])}
     assert not agent.ready()  # one still missing from the registry
-    agent.status.registered = {p.worker_id for p in agent.programs}
+    last = agent.programs[-1]
+    agent.status.entries[last.worker_id] = entry(last.worker_id, 999)
+    assert not agent.ready()  # its entry is an older process's (it was restarted)
+    agent.status.entries[last.worker_id] = entry(last.worker_id, 100 + len(agent.programs) - 1)
     assert agent.ready()
     assert "tdist_agent_ready 1" in agent.metrics()
     agent.status.states[agent.programs[0].name] = "BACKOFF"
     assert not agent.ready()
+
+
+def test_metrics_include_the_workers_own_counters() -> None:
+    from tdist.registry import OperatorInfo, WorkerInfo
+
+    agent = Agent(str(ETC))
+    agent.programs = agent._plan(agent.config, ())
+    wid = agent.programs[0].worker_id
+    agent.status.entries = {wid: WorkerInfo(id=wid, name="encoder", node="n", pid=1, state="serving",
+                                            operators=(OperatorInfo("encoder", 1, 16, 3),), started_at=0.0,
+                                            served=42, bytes_pulled=1000)}
+    text = agent.metrics()
+    assert f'tdist_worker_requests_total{{worker="{wid}"}} 42' in text
+    assert f'tdist_worker_inflight_requests{{worker="{wid}"}} 3' in text
+    assert f'tdist_worker_data_plane_pulled_bytes_total{{worker="{wid}"}} 1000' in text

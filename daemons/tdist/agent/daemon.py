@@ -34,7 +34,7 @@ from tdist.agent.supervisor_rpc import SupervisorClient, Supervisord
 from tdist.errors import ConfigError, TdistError
 from tdist.logs import get_logger
 from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
-from tdist.registry import open_bucket, put_with_ttl
+from tdist.registry import WorkerInfo, open_bucket, put_with_ttl
 from tdist.request_plane import subjects
 from tdist.request_plane.connection import close_connection, connect
 
@@ -50,8 +50,12 @@ class AgentStatus:
 
     states: dict[str, str] = field(default_factory=dict)
     """supervisord program name -> state name."""
+    pids: dict[str, int] = field(default_factory=dict)
+    """supervisord program name -> the PID of its current process (0: none)."""
     registered: set[str] = field(default_factory=set)
     """Worker ids currently in the registry."""
+    entries: dict[str, WorkerInfo] = field(default_factory=dict)
+    """This node's workers' registry entries (their request counters, in-flight, bytes moved)."""
     restarts: int = 0
     reloads: int = 0
     reload_failures: int = 0
@@ -193,17 +197,27 @@ class Agent:
         assert self.supervisord is not None and self.nc is not None
         infos = await self.supervisord.client.acall("supervisor.getAllProcessInfo")
         states = {i["name"]: i["statename"] for i in infos}
+        pids = {i["name"]: int(i.get("pid") or 0) for i in infos}
         ns = self.config.request_plane.namespace
         js = self.nc.jetstream()
         workers_kv = await open_bucket(js, subjects.workers_bucket(ns))
-        for program in self.programs:
-            before, now = self.status.states.get(program.name), states.get(program.name)
-            if before == "RUNNING" and now != "RUNNING":
-                self.status.restarts += 1
-                log.warning("worker_left_running", program=program.name, state=now, worker=program.worker_id)
-                await workers_kv.delete(program.worker_id)  # gone now, not after its TTL
-        self.status.states = states
         self.status.registered = set(await _keys(workers_kv))
+        entries = await self._entries(workers_kv)
+        for program in self.programs:
+            before = self.status.pids.get(program.name, 0)
+            now = pids.get(program.name, 0)
+            if before and now != before:
+                self.status.restarts += 1
+                log.warning("worker_process_gone", program=program.name, worker=program.worker_id,
+                            old_pid=before, new_pid=now or None, state=states.get(program.name))
+            stale = entries.get(program.worker_id)
+            if stale is not None and stale.pid != now:
+                # The entry of a process that is gone: remove it now, not after its TTL. The new
+                # process (same worker id) registers itself when it serves.
+                await workers_kv.delete(program.worker_id)
+                entries.pop(program.worker_id)
+                self.status.registered.discard(program.worker_id)
+        self.status.states, self.status.pids, self.status.entries = states, pids, entries
         node = {
             "name": self.config.node.name, "host": socket.gethostname(), "agent_version": __version__,
             "pid": os.getpid(), "started_at": self.started_at, "http": f"{self.config.http.host}:{self.http_port}",
@@ -213,12 +227,27 @@ class Agent:
         await open_bucket(js, subjects.nodes_bucket(ns))
         await put_with_ttl(js, subjects.nodes_bucket(ns), self.config.node.name, json.dumps(node).encode(), NODE_TTL)
 
+    async def _entries(self, kv: Any) -> dict[str, WorkerInfo]:
+        out = {}
+        for program in self.programs:
+            if program.worker_id not in self.status.registered:
+                continue
+            try:
+                entry = await kv.get(program.worker_id)
+                if entry.value:
+                    out[program.worker_id] = WorkerInfo.from_json(entry.value)
+            except Exception:  # deleted meanwhile
+                continue
+        return out
+
     def ready(self) -> bool:
-        """Every desired worker RUNNING under supervisord and present in the registry."""
-        return bool(self.programs) and all(
-            self.status.states.get(p.name) == "RUNNING" and p.worker_id in self.status.registered
-            for p in self.programs
-        )
+        """Every desired worker RUNNING under supervisord and registered by that very process."""
+        return bool(self.programs) and all(self._up(p) for p in self.programs)
+
+    def _up(self, program: Program) -> bool:
+        entry = self.status.entries.get(program.worker_id)
+        return (self.status.states.get(program.name) == "RUNNING" and entry is not None
+                and entry.pid == self.status.pids.get(program.name))
 
     def metrics(self) -> str:
         lines = [
@@ -232,8 +261,21 @@ class Agent:
         lines += ["# HELP tdist_agent_worker_up 1 if the worker is RUNNING and registered.",
                   "# TYPE tdist_agent_worker_up gauge"]
         for p in self.programs:
-            up = int(self.status.states.get(p.name) == "RUNNING" and p.worker_id in self.status.registered)
+            up = int(self._up(p))
             lines.append(f'tdist_agent_worker_up{{worker="{p.worker_id}",program="{p.name}"}} {up}')
+        per_worker = [
+            ("tdist_worker_requests_total", "counter", "Requests the worker finished.", lambda w: w.served),
+            ("tdist_worker_inflight_requests", "gauge", "Requests running now.",
+             lambda w: sum(op.inflight for op in w.operators)),
+            ("tdist_worker_data_plane_pulled_bytes_total", "counter", "Tensor bytes pulled from peers.",
+             lambda w: w.bytes_pulled),
+            ("tdist_worker_data_plane_served_bytes_total", "counter", "Tensor bytes served to peers.",
+             lambda w: w.bytes_served),
+            ("tdist_worker_tensors_held", "gauge", "Tensor references held for consumers.", lambda w: w.tensors_held),
+        ]
+        for name, kind, doc, value in per_worker:  # from the workers' registry entries (heartbeat-fresh)
+            lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
+            lines += [f'{name}{{worker="{wid}"}} {value(w)}' for wid, w in sorted(self.status.entries.items())]
         lines += [
             "# TYPE tdist_agent_worker_restarts_total counter", f"tdist_agent_worker_restarts_total {self.status.restarts}",
             "# TYPE tdist_agent_reloads_total counter", f"tdist_agent_reloads_total {self.status.reloads}",
