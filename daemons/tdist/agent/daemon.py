@@ -76,6 +76,7 @@ class Agent:
         self.http: asyncio.AbstractServer | None = None
         self.http_port = 0
         self.started_at = time.time()
+        self._kv: tuple[Any, Any] | None = None
 
     def _load(self) -> AgentConfig:
         """The file, with the command line's overrides (kept on every reload)."""
@@ -134,12 +135,10 @@ class Agent:
             await self.supervisord.astop(timeout=budget)
         if self.nc is not None:
             try:
-                kv = await open_bucket(self.nc.jetstream(), subjects.nodes_bucket(self.config.request_plane.namespace))
-                await kv.delete(self.config.node.name)
-                wkv = await open_bucket(self.nc.jetstream(),
-                                        subjects.workers_bucket(self.config.request_plane.namespace))
+                nodes_kv, workers_kv = await self._buckets()
+                await nodes_kv.delete(self.config.node.name)
                 for program in self.programs:
-                    await wkv.delete(program.worker_id)
+                    await workers_kv.delete(program.worker_id)
             except Exception as exc:
                 log.warning("agent_deregister_failed", error=str(exc))
             await close_connection(self.nc)
@@ -200,7 +199,7 @@ class Agent:
         pids = {i["name"]: int(i.get("pid") or 0) for i in infos}
         ns = self.config.request_plane.namespace
         js = self.nc.jetstream()
-        workers_kv = await open_bucket(js, subjects.workers_bucket(ns))
+        _, workers_kv = await self._buckets()
         self.status.registered = set(await _keys(workers_kv))
         entries = await self._entries(workers_kv)
         for program in self.programs:
@@ -224,8 +223,15 @@ class Agent:
             "gpus": [asdict(g) for g in self.gpus], "ready": self.ready(),
             "workers": {p.worker_id: states.get(p.name, "UNKNOWN") for p in self.programs},
         }
-        await open_bucket(js, subjects.nodes_bucket(ns))
         await put_with_ttl(js, subjects.nodes_bucket(ns), self.config.node.name, json.dumps(node).encode(), NODE_TTL)
+
+    async def _buckets(self) -> tuple[Any, Any]:
+        """The nodes and workers buckets, opened once (the namespace cannot change without a restart)."""
+        if self._kv is None:
+            assert self.nc is not None
+            js, ns = self.nc.jetstream(), self.config.request_plane.namespace
+            self._kv = (await open_bucket(js, subjects.nodes_bucket(ns)), await open_bucket(js, subjects.workers_bucket(ns)))
+        return self._kv
 
     async def _entries(self, kv: Any) -> dict[str, WorkerInfo]:
         out = {}

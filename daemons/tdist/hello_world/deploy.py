@@ -64,6 +64,19 @@ def start_worker(config: str, name: str, index: int, nats_url: str, log_dir: Pat
     return proc, json.loads(line)["worker_id"]
 
 
+def serve_or_run_client(nats_url: str, namespace: str, client_args: list[str] | None) -> int:
+    """With client arguments, run tdist-client against the deployment (its exit code); else wait for Ctrl-C."""
+    if client_args is not None:
+        return subprocess.call([sys.executable, "-m", "tdist.client.cli", "--nats-url", nats_url,
+                                "--namespace", namespace, *client_args])
+    print("Workers started ... press Ctrl-C to exit", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    return 0
+
+
 def through_agent(config: str, nats_port: int | None, client_args: list[str] | None) -> int:
     """Run tdist-agent on ``config``; wait for /ready; run the client; drain with SIGTERM."""
     try:
@@ -93,16 +106,7 @@ def through_agent(config: str, nats_port: int | None, client_args: list[str] | N
             print("deploy: the agent's workers did not become ready", file=sys.stderr)
             return 1
         print(f"deployment ready: {_get(port, '/ready')[1].strip()}", flush=True)
-        if client_args is None:
-            print("Workers started ... press Ctrl-C to exit", flush=True)
-            stop = threading.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
-            stop.wait()
-            code = 0
-        else:
-            code = subprocess.call([sys.executable, "-m", "tdist.client.cli", "--nats-url", nats_url,
-                                    "--namespace", file.request_plane.namespace, *client_args])
+        code = serve_or_run_client(nats_url, file.request_plane.namespace, client_args)
         agent.send_signal(signal.SIGTERM)
         agent_code = agent.wait(300)
         print(f"tdist-agent drained its workers and exited with {agent_code}", flush=True)
@@ -181,16 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 proc, worker_id = start_worker(args.config, name, i, nats_url, log_dir)
                 workers.append(proc)
                 print(f"worker {worker_id} up (pid {proc.pid}, log {log_dir / f'{name}.{i}.log'})", flush=True)
-        if client_args is None:
-            print("Workers started ... press Ctrl-C to exit", flush=True)
-            stop = threading.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
-            stop.wait()
-            code = 0
-        else:
-            code = subprocess.call([sys.executable, "-m", "tdist.client.cli", "--nats-url", nats_url,
-                                    "--namespace", namespace, *client_args])
+        code = serve_or_run_client(nats_url, namespace, client_args)
         for proc in workers:
             proc.send_signal(signal.SIGTERM)
         exits = [proc.wait(120) for proc in workers]

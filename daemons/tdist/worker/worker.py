@@ -113,7 +113,7 @@ class OperatorRunner:
 
 
 class Worker:
-    """``async with Worker(...) as w: await w.serve_until(stop_event)``; SIGTERM handling is the caller's."""
+    """``async with Worker(...) as w: ...`` serves until the block ends (then drains); signals are the caller's."""
 
     def __init__(
         self,
@@ -214,9 +214,6 @@ class Worker:
     def _top_up_directed(self) -> None:
         if self._directed is not None and self.state is WorkerState.SERVING and self._directed.outstanding == 0:
             self.spawn(self._directed.request(1))
-
-    async def serve_until(self, stop: asyncio.Event) -> None:
-        await stop.wait()
 
     async def drain(self) -> None:
         """Stop pulling, let held requests finish within ``drain_timeout``, then stop."""
