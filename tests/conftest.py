@@ -125,10 +125,19 @@ def worker_processes(nats_server: EmbeddedNatsServer, rp: RequestPlaneConfig, tm
 
 
 @pytest.fixture
-async def client(nats_config: NatsConfig, rp: RequestPlaneConfig):  # type: ignore[no-untyped-def]
+async def deployed(nats_config: NatsConfig, rp: RequestPlaneConfig) -> RequestPlaneConfig:
+    """The test's namespace deployed (stream and buckets), as the agent does: callers never create them."""
+    from tdist.request_plane.deploy import deploy
+
+    await deploy(nats_config, rp)
+    return rp
+
+
+@pytest.fixture
+async def client(nats_config: NatsConfig, deployed: RequestPlaneConfig):  # type: ignore[no-untyped-def]
     from tdist.client import Client
 
-    async with Client(nats_config, request_plane=rp) as c:
+    async with Client(nats_config, request_plane=deployed) as c:
         yield c
 
 

@@ -28,6 +28,10 @@ class NatsConfig:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     connect_timeout: float = 5.0
+    ping_interval: float = 5.0
+    """Seconds between keep-alive pings: a half-open connection is noticed after
+    ``ping_interval * max_outstanding_pings`` seconds (nats-py's default is 2 minutes each)."""
+    max_outstanding_pings: int = 3
     embedded: bool = False
     """This node runs its own nats-server (single-machine deployments), listening on the
     host and port of ``servers[0]``; the agent (or the hello-world launcher) starts it."""
@@ -42,6 +46,10 @@ class NatsConfig:
             raise ConfigError("user and password go together", key="nats.user")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("tls_cert_file and tls_key_file go together", key="nats.tls_cert_file")
+        if not self.ping_interval > 0:
+            raise ConfigError("must be positive", key="nats.ping_interval")
+        if self.max_outstanding_pings < 1:
+            raise ConfigError("must be at least 1", key="nats.max_outstanding_pings")
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,8 @@ def parse_nats(t: _Table) -> NatsConfig:
         tls_cert_file=t.get("tls_cert_file", str),
         tls_key_file=t.get("tls_key_file", str),
         connect_timeout=_num(t.get("connect_timeout", (int, float))),
+        ping_interval=_num(t.get("ping_interval", (int, float))),
+        max_outstanding_pings=t.get("max_outstanding_pings", int),
         embedded=t.get("embedded", bool),
     )
 
@@ -355,3 +365,10 @@ def load_worker_file(path: str | Path, worker_name: str | None = None) -> Worker
         root.data.pop(agent_table, None)
     root.done()
     return WorkerFile(nats=nats, request_plane=rp, logging=logging, worker=worker, data_plane=data_plane)
+
+
+def load_connection_file(path: str | Path) -> tuple[NatsConfig, RequestPlaneConfig]:
+    """Only ``[nats]`` and ``[request_plane]`` of an agent or worker file (other tables ignored)."""
+    file = str(path)
+    root = _Table(read_toml(path), file, "")
+    return parse_nats(root.table("nats")), parse_request_plane(root.table("request_plane"))

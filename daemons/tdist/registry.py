@@ -7,6 +7,12 @@ deletes. A graceful exit deletes the entry at once.
 
 A ``RegistryWatch`` keeps a live map of entries. After a reconnect it rebuilds
 the map from a fresh snapshot, so nothing missed while disconnected lingers.
+A watch deletes its server-side consumer when it ends (and the consumer expires
+``WATCH_IDLE`` seconds after its subscriber is gone, should the delete not arrive).
+
+The buckets are created by whoever deploys (a worker, the agent) with history 1,
+the namespace's replicas and an age limit, so delete markers of gone workers
+expire instead of piling up; a plain client only opens them.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from tdist.config import RequestPlaneConfig
 from tdist.errors import RegistryError
 from tdist.logs import get_logger
 from tdist.request_plane import subjects
@@ -32,6 +39,11 @@ from tdist.request_plane import subjects
 log = get_logger("tdist.registry")
 
 LIMIT_MARKER_TTL = 30.0
+# Entries (and the delete markers of graceful exits) older than this go; live entries are
+# rewritten every heartbeat (TTL / 3), so only the markers of gone workers ever reach it.
+BUCKET_MAX_AGE = 3600.0
+# A watch's consumer is removed by the server this long after its subscriber went away.
+WATCH_IDLE = 10.0
 
 
 @dataclass(frozen=True)
@@ -85,15 +97,36 @@ class WorkerInfo:
         return cls(**raw)
 
 
-async def open_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
-    """A registry bucket: one value per key, per-entry TTLs, limit markers for watchers."""
-    cfg = KeyValueConfig(bucket=bucket, history=1, limit_marker_ttl=LIMIT_MARKER_TTL)
+def bucket_config(bucket: str, replicas: int = 1) -> KeyValueConfig:
+    return KeyValueConfig(bucket=bucket, history=1, ttl=BUCKET_MAX_AGE, replicas=replicas,
+                          limit_marker_ttl=LIMIT_MARKER_TTL)
+
+
+async def open_bucket(js: JetStreamContext, bucket: str, *, replicas: int = 1, create: bool = True) -> KeyValue:
+    """A registry bucket: one value per key, per-entry TTLs, limit markers for watchers.
+
+    With ``create`` (deployers only) a missing bucket is made; an existing one whose
+    replicas differ from the configuration is used as it is, and the mismatch logged."""
     try:
-        return await js.create_key_value(cfg)
-    except BadRequestError:
-        return await js.key_value(bucket)  # exists with another config: use it as it is
+        kv = await js.key_value(bucket)
+    except NotFoundError:
+        if not create:
+            raise RegistryError(f"registry bucket {bucket} does not exist: is the namespace deployed?",
+                                bucket=bucket) from None
+        try:
+            return await js.create_key_value(bucket_config(bucket, replicas))
+        except BadRequestError:
+            kv = await js.key_value(bucket)  # created meanwhile by another process
     except Exception as exc:
         raise RegistryError(f"cannot open registry bucket {bucket}: {exc}", bucket=bucket) from exc
+    if create:
+        try:
+            have = (await js.stream_info(f"KV_{bucket}")).config.num_replicas or 1
+            if have != replicas:
+                log.warning("bucket_replicas_differ", bucket=bucket, have=have, configured=replicas)
+        except Exception:
+            pass
+    return kv
 
 
 async def put_with_ttl(js: JetStreamContext, bucket: str, key: str, value: bytes, ttl: float) -> None:
@@ -104,15 +137,29 @@ async def put_with_ttl(js: JetStreamContext, bucket: str, key: str, value: bytes
 class Registry:
     """The workers bucket of one namespace."""
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, namespace: str) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, rp: RequestPlaneConfig, *, create: bool) -> None:
         self.js = js
         self.kv = kv
-        self.namespace = namespace
+        self.rp = rp
+        self.namespace = rp.namespace
+        self._create = create
         self._watches: weakref.WeakSet[RegistryWatch] = weakref.WeakSet()
 
     @classmethod
-    async def open(cls, js: JetStreamContext, namespace: str) -> Registry:
-        return cls(js, await open_bucket(js, subjects.workers_bucket(namespace)), namespace)
+    async def open(cls, js: JetStreamContext, rp: RequestPlaneConfig, *, create: bool = False) -> Registry:
+        bucket = subjects.workers_bucket(rp.namespace)
+        return cls(js, await open_bucket(js, bucket, replicas=rp.replicas, create=create), rp, create=create)
+
+    async def reopen(self) -> None:
+        """After a reconnect: the bucket again (a restarted server may have lost it), then every
+        open watch from a fresh snapshot."""
+        self.kv = await open_bucket(self.js, subjects.workers_bucket(self.namespace), replicas=self.rp.replicas,
+                                    create=self._create)
+        await self.resync_watches()
+
+    async def close(self) -> None:
+        for watch in list(self._watches):
+            await watch.close()
 
     async def put(self, info: WorkerInfo) -> None:
         """Write (or refresh) an entry; it expires ``info.ttl`` seconds after this call."""
@@ -131,13 +178,10 @@ class Registry:
         return watch
 
     async def resync_watches(self) -> None:
-        """Rebuild every open watch from a fresh snapshot (after a reconnect)."""
+        """Rebuild every open watch from a fresh snapshot (after a reconnect); raises if one fails."""
         for watch in list(self._watches):
             if watch.active:
-                try:
-                    await watch.resync()
-                except Exception as exc:
-                    log.warning("registry_resync_failed", error=str(exc))
+                await watch.resync()
 
 
 class RegistryWatch:
@@ -166,7 +210,7 @@ class RegistryWatch:
         """Start a fresh watcher; replace the view once its snapshot is complete."""
         await self._stop_watcher()
         self.active = True
-        watcher = await self._registry.kv.watchall()
+        watcher = await self._registry.kv.watchall(inactive_threshold=WATCH_IDLE)
         snapshot: dict[str, WorkerInfo] = {}
         while True:
             entry = await watcher.updates(timeout=10.0)
@@ -239,10 +283,16 @@ class RegistryWatch:
                 pass
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
+            consumer = getattr(getattr(watcher, "_sub", None), "_consumer", None)
             try:
                 await watcher.stop()
             except Exception:
                 pass
+            if consumer:  # the server would keep it WATCH_IDLE seconds more: delete it now
+                try:
+                    await self._registry.js.delete_consumer(self._registry.kv._stream, consumer)
+                except Exception:
+                    pass
 
     async def close(self) -> None:
         self.active = False

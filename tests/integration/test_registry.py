@@ -13,7 +13,8 @@ from tests.support.tcp_proxy import TcpProxy
 pytestmark = pytest.mark.timeout(120)
 
 
-async def test_watch_resyncs_after_reconnect(nats_server: EmbeddedNatsServer, rp: RequestPlaneConfig, workers) -> None:
+async def test_watch_resyncs_after_reconnect(nats_server: EmbeddedNatsServer, deployed: RequestPlaneConfig, workers) -> None:
+    rp = deployed
     host, port = nats_server.url.split("://")[1].split(":")
     proxy = await TcpProxy(host, int(port)).start()
     try:

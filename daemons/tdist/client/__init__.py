@@ -10,22 +10,22 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import numpy as np
-from nats.aio.client import Client as NatsClient
 
 from tdist.config import DataPlaneConfig, NatsConfig, RequestPlaneConfig
 from tdist.data_plane.descriptor import TensorRef
 from tdist.data_plane.plane import LazyDataPlane
-from tdist.errors import DataPlaneError, DeadlineExceeded
+from tdist.errors import DataPlaneError, DeadlineExceeded, RegistryError
 from tdist.registry import Registry, WorkerInfo
 from tdist.request_plane.caller import Caller, ResponseStream, new_id
-from tdist.request_plane.connection import close_connection, connect
 from tdist.request_plane.protocol import ResponseMessage
+from tdist.runtime import Runtime
 
 __all__ = ["Client", "RemoteOperator", "Response", "ResponseStream"]
 
@@ -121,18 +121,19 @@ class RemoteOperator:
                      ) -> AsyncIterator[Response]:
         """Partial responses, then the final one. With ``pull_outputs=False`` large outputs stay
         ``TensorRef`` descriptors (to forward them; release what you keep)."""
-        responses = await self.call(inputs, **kwargs)
-        async for msg in responses:
-            yield await self._outputs(msg, pull_outputs)
+        async with await self.call(inputs, **kwargs) as responses:  # leaving early cancels the request
+            async for msg in responses:
+                yield await self._outputs(msg, pull_outputs)
 
     async def infer(self, inputs: Mapping[str, Any], *, pull_outputs: bool = True, **kwargs: Any) -> Response:
         """Send one request and return its final response (outputs pulled unless ``pull_outputs=False``)."""
-        responses = await self.call(inputs, **kwargs)
-        return await self._outputs(await responses.final(), pull_outputs)
+        async with await self.call(inputs, **kwargs) as responses:
+            return await self._outputs(await responses.final(), pull_outputs)
 
 
 class Client:
-    """A connection to one namespace of a tdist cluster."""
+    """A connection to one namespace of a tdist cluster (one ``Runtime``: connection, caller,
+    data plane and registry, recovered together after a reconnect)."""
 
     def __init__(
         self,
@@ -150,18 +151,12 @@ class Client:
         self.request_plane = rp
         self.data_plane_config = data_plane or DataPlaneConfig()
         self.component_id = f"client-{new_id()}"
-        self._data_plane: LazyDataPlane | None = None
-        self._name = name
-        self._nc: NatsClient | None = None
-        self._caller: Caller | None = None
-        self._registry: Registry | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self.runtime = Runtime(self.nats_config, rp, self.data_plane_config, component_id=self.component_id,
+                               name=name)
 
     @property
     def data_plane(self) -> LazyDataPlane:
-        if self._data_plane is None:
-            raise RuntimeError("Client is not connected")
-        return self._data_plane
+        return self.runtime.data_plane
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -171,57 +166,48 @@ class Client:
         await self.close()
 
     async def connect(self) -> None:
-        self._nc = await connect(self.nats_config, name=self._name, on_reconnect=self._on_reconnect)
-        self._data_plane = LazyDataPlane(self.component_id, self.data_plane_config)
-        self._caller = await Caller(self._nc, self.request_plane, component_id=self.component_id,
-                                    data_plane=self._data_plane).start()
-
-    async def _on_reconnect(self) -> None:
-        if self._registry is not None:
-            task = asyncio.get_running_loop().create_task(self._registry.resync_watches())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        await self.runtime.start()
 
     async def close(self, wait_for_release: float = 10.0) -> None:
         """Close; first wait up to ``wait_for_release`` s for consumers to release our tensors."""
-        if self._caller is not None:
-            await self._caller.close()
-        if self._data_plane is not None:
-            await self._data_plane.close(wait_for_release)
-            self._data_plane = None
-        if self._nc is not None:
-            await close_connection(self._nc)
-        self._nc = self._caller = self._registry = None
+        await self.runtime.close(wait_for_release)
 
     @property
     def caller(self) -> Caller:
-        if self._caller is None:
-            raise RuntimeError("Client is not connected: use 'async with Client(...)' or 'await client.connect()'")
-        return self._caller
+        return self.runtime.caller
 
     def operator(self, name: str, version: int = 1, *, target_worker: str | None = None) -> RemoteOperator:
         return RemoteOperator(self.caller, name, version, target_worker=target_worker)
 
     async def registry(self) -> Registry:
-        if self._registry is None:
-            assert self._nc is not None
-            self._registry = await Registry.open(self._nc.jetstream(), self.request_plane.namespace)
-        return self._registry
+        return await self.runtime.registry()
 
     async def workers(self) -> dict[str, WorkerInfo]:
         """The live workers of this namespace, by id."""
-        return await (await self.registry()).list_workers()
+        try:
+            return await (await self.registry()).list_workers()
+        except RegistryError:  # nothing deployed in this namespace yet
+            return {}
 
     async def wait_for_workers(self, operator: str, count: int = 1, timeout: float = 30.0) -> list[WorkerInfo]:
         """Wait until ``count`` live workers host ``operator``."""
-        registry = await self.registry()
+        deadline = time.monotonic() + timeout
+        while True:  # the namespace may not be deployed yet: wait for its registry too
+            try:
+                registry = await self.registry()
+                break
+            except RegistryError:
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceeded(f"no registry for namespace {self.request_plane.namespace} "
+                                           f"within {timeout} s", operator=operator, count=count) from None
+                await asyncio.sleep(0.2)
 
         def serving(workers: dict[str, WorkerInfo]) -> list[WorkerInfo]:
             return [w for w in workers.values() if w.hosts(operator) and w.state == "serving"]
 
         async with registry.watch() as watch:
             try:
-                await watch.wait_for(lambda ws: len(serving(ws)) >= count, timeout)
+                await watch.wait_for(lambda ws: len(serving(ws)) >= count, max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 raise DeadlineExceeded(
                     f"{len(serving(watch.workers))} of {count} workers for {operator} came up in {timeout} s",

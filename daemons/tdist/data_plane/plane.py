@@ -126,8 +126,8 @@ class DataPlane:
 
     # -- owning ---------------------------------------------------------------
 
-    def put(self, array: Any) -> TensorRef:
-        """Keep ``array`` here and describe it; its consumer pulls it."""
+    def put(self, array: Any, lease: float | None = None) -> TensorRef:
+        """Keep ``array`` here and describe it; its consumer pulls it (or it expires after ``lease`` s)."""
         memory_type = "GPU" if type(array).__module__.startswith("cupy") else "CPU"
         if memory_type == "CPU":
             arr = np.asarray(array)
@@ -139,7 +139,7 @@ class DataPlane:
             data, dtype, shape = array, tensors.triton_dtype(array.get() if array.size == 0 else array[:0].get()), \
                 tuple(array.shape)
         nbytes = int(data.nbytes)
-        tensor_id = self.store.put(data, nbytes, time.monotonic())
+        tensor_id = self.store.put(data, nbytes, time.monotonic(), lease)
         return TensorRef(self.component_id, self.address, tensor_id, dtype, shape, nbytes, memory_type,
                          int(getattr(getattr(array, "device", None), "id", 0) or 0))
 
@@ -221,14 +221,15 @@ class DataPlane:
 
     # -- messages -------------------------------------------------------------
 
-    async def outgoing(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """Tensors for a message: small ones inline, large ones stored here, received ones forwarded."""
+    async def outgoing(self, values: Mapping[str, Any], *, lease: float | None = None) -> dict[str, Any]:
+        """Tensors for a message: small ones inline, large ones stored here (for ``lease`` s at most,
+        unless released), received ones forwarded."""
         out: dict[str, Any] = {}
         for name, value in values.items():
             if isinstance(value, TensorRef):
                 out[name] = await self.forward(value)
             elif needs_reference(value, self.config.inline_threshold):
-                out[name] = self.put(value)
+                out[name] = self.put(value, lease)
             else:
                 out[name] = value
         return out

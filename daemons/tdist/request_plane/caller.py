@@ -9,6 +9,22 @@ PubAck. Responses come back over core NATS to ``<inbox>.r.<request id>``.
 The caller also listens to the server's max-deliveries advisories: when every
 delivery of a request ended without a final response (its workers died), the
 matching caller gets ``MaxDeliveriesExceeded`` instead of waiting for its deadline.
+
+Nothing is lost across a NATS restart or the loss of a NATS node:
+
+* every request is published with ``Nats-Msg-Id`` = its id; one without a PubAck
+  after ``PUBACK_TIMEOUT`` (or after a reconnect) is published again with the same
+  id, and JetStream's duplicate window stores it once;
+* after a reconnect, a request that has its PubAck but no final response is looked
+  up in the stream: still there, it will be delivered and answered (we listen
+  again); gone without a final (its final response was published while we were
+  disconnected), it is re-sent under a new message id with the same request id, and
+  the worker that ran it replays its final response instead of running it again;
+* a stream abandoned by its reader (never closed) is dropped one grace period past
+  its deadline, so caller state never grows without bound.
+
+The caller never creates the namespace's stream: whoever deploys does (the agent,
+or a worker from its configuration).
 """
 
 from __future__ import annotations
@@ -40,6 +56,9 @@ from tdist.errors import (
     RequestPlaneUnavailable,
     TdistError,
 )
+from nats.js.errors import NotFoundError
+
+from tdist.data_plane.descriptor import TensorRef
 from tdist.logs import get_logger
 from tdist.data_plane.plane import LazyDataPlane, needs_reference
 from tdist.request_plane import protocol, streams, subjects
@@ -48,6 +67,16 @@ log = get_logger("tdist.caller")
 
 # A positive answer to "does this operator have a consumer?" is trusted this long.
 _KNOWN_OPERATOR_TTL = 30.0
+# A request without a PubAck after this many seconds is published again (same message id).
+PUBACK_TIMEOUT = 2.0
+# Caller upkeep (PubAck retries, lost-final checks, abandoned streams) runs this often.
+UPKEEP_EVERY = 0.5
+# A response stream nobody reads is dropped this long after its deadline.
+ABANDONED_GRACE = 5.0
+# A request seen gone from the stream gets this long for its final response before a re-send.
+FINAL_GRACE = 1.0
+# Tensor references for a request live at least this long past its deadline.
+LEASE_MARGIN = 30.0
 
 
 class _IdSource:
@@ -68,12 +97,25 @@ new_id = _IdSource()
 class _Pending:
     request_id: str
     operator: str
+    deadline: float = 0.0
+    subject: str = ""
+    data: bytes = b""
+    """The encoded request, kept for re-sends until its final response."""
+    refs: list[TensorRef] = field(default_factory=list)
+    """References this caller made for the request's inputs (released if no worker answers)."""
     items: collections.deque[protocol.ResponseMessage | TdistError] = field(default_factory=collections.deque)
     waiter: asyncio.Future[None] | None = None
     stream_seq: int | None = None
+    published_at: float = 0.0
+    """Monotonic time of the last publish still waiting for its PubAck (0: acknowledged)."""
+    resends: int = 0
+    gone_since: float = 0.0
+    """Monotonic time the request was first seen gone from the stream without a final."""
     done: bool = False
     """Final response seen or cancel sent: nothing more to cancel."""
     final_seen: bool = False
+    answered: bool = False
+    """A worker answered (final or error): the worker released the inputs."""
 
     def push(self, item: protocol.ResponseMessage | TdistError) -> None:
         self.items.append(item)
@@ -105,6 +147,12 @@ class ResponseStream:
 
     def __aiter__(self) -> ResponseStream:
         return self
+
+    async def __aenter__(self) -> ResponseStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     async def __anext__(self) -> protocol.ResponseMessage:
         if self._finished:
@@ -173,8 +221,9 @@ class Caller:
     """Publishes requests and routes their responses; one per process connection."""
 
     def __init__(self, nc: NatsClient, rp: RequestPlaneConfig, *, component_id: str | None = None,
-                 data_plane: LazyDataPlane | None = None) -> None:
+                 data_plane: LazyDataPlane | None = None, connected: asyncio.Event | None = None) -> None:
         self.nc = nc
+        self.connected = connected
         self.data_plane = data_plane
         self.js: JetStreamContext = nc.jetstream()
         self.rp = rp
@@ -185,14 +234,34 @@ class Caller:
         self._known_operators: dict[tuple[str, int], float] = {}
         self._subs: list[Subscription] = []
         self._stream = subjects.stream_name(rp.namespace)
+        self._unacked: dict[str, _Pending] = {}
+        """Requests published and not yet stored (no PubAck)."""
+        self._suspect: dict[str, _Pending] = {}
+        """Requests that were in flight across a reconnect: their final may have been lost."""
+        self._upkeep: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.republished = 0
+        """Publishes repeated for want of a PubAck (stored once: same message id)."""
+        self.resent = 0
+        """Requests re-sent under a new message id after their final was lost in a reconnect."""
 
     async def start(self) -> Caller:
-        await streams.ensure_stream(self.js, self.rp, self.nc.max_payload, update=False)
         self._subs.append(await self.nc.subscribe(f"{self._inbox}.>", cb=self._on_inbox))
         self._subs.append(await self.nc.subscribe(subjects.max_deliveries_advisory(self.rp.namespace), cb=self._on_advisory))
+        self._upkeep = asyncio.get_running_loop().create_task(self._run_upkeep())
         return self
 
+    @property
+    def pending_count(self) -> int:
+        """Requests this caller still tracks (for leak checks)."""
+        return len(self._pending)
+
     async def close(self) -> None:
+        tasks = [t for t in (self._upkeep, *self._background) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._upkeep = None
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
@@ -201,6 +270,8 @@ class Caller:
         self._subs.clear()
         for pending in self._pending.values():
             pending.push(RequestPlaneUnavailable("caller closed", request_id=pending.request_id))
+        self._unacked.clear()
+        self._suspect.clear()
 
     @property
     def max_payload(self) -> int:
@@ -249,10 +320,13 @@ class Caller:
                 version=version,
                 namespace=self.rp.namespace,
             )
+        refs: list[TensorRef] = []
         if self.data_plane is not None and any(
             needs_reference(v, self.data_plane.config.inline_threshold) for v in inputs.values()
         ):
-            inputs = await (await self.data_plane.get()).outgoing(inputs)
+            plane = await self.data_plane.get()
+            inputs = await plane.outgoing(inputs, lease=max(plane.config.lease, deadline - now + LEASE_MARGIN))
+            refs = [v for v in inputs.values() if isinstance(v, TensorRef)]
         request_id = new_id()
         msg = protocol.RequestMessage(
             id=request_id,
@@ -267,6 +341,7 @@ class Caller:
         )
         data = protocol.encode_request(msg)
         if len(data) > self.max_payload:
+            self._release_later(refs)
             raise PayloadTooLarge(
                 f"request is {len(data)} bytes, the server's max_payload is {self.max_payload}"
                 + ("" if self.data_plane else " (this caller has no data plane to send tensors by reference)"),
@@ -279,14 +354,96 @@ class Caller:
             if target_worker
             else subjects.request_subject(self.rp.namespace, operator, version)
         )
-        pending = _Pending(request_id, operator)
+        pending = _Pending(request_id, operator, deadline, subject, data, refs)
         self._pending[request_id] = pending
         try:
-            await self.nc.publish(subject, data, reply=f"{self._inbox}.a.{request_id}")
+            await self._publish(pending, request_id)
         except Exception as exc:
             self._forget(request_id)
             raise RequestPlaneUnavailable(f"cannot publish request: {exc}", operator=operator) from exc
         return ResponseStream(self, pending, deadline)
+
+    async def _publish(self, pending: _Pending, msg_id: str) -> None:
+        """Publish (or publish again) one request; its PubAck comes to ``<inbox>.a.<id>``."""
+        pending.published_at = time.monotonic()
+        self._unacked[pending.request_id] = pending
+        await self.nc.publish(pending.subject, pending.data, reply=f"{self._inbox}.a.{pending.request_id}",
+                              headers={"Nats-Msg-Id": msg_id})
+
+    # -- upkeep and recovery ---------------------------------------------------
+
+    async def recover(self) -> None:
+        """After a reconnect: publish again what has no PubAck; check the others' finals."""
+        for pending in list(self._pending.values()):
+            if pending.final_seen or pending.done:
+                continue
+            if pending.request_id in self._unacked:
+                self.republished += 1
+                await self._publish(pending, pending.request_id if not pending.resends
+                                    else f"{pending.request_id}.{pending.resends}")
+            else:
+                pending.gone_since = 0.0
+                self._suspect[pending.request_id] = pending
+
+    async def _run_upkeep(self) -> None:
+        while True:
+            await asyncio.sleep(UPKEEP_EVERY)
+            try:
+                await self._upkeep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep going: the next pass retries
+                log.warning("caller_upkeep_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _upkeep_once(self) -> None:
+        now, wall = time.monotonic(), time.time()
+        for pending in list(self._pending.values()):
+            if wall > pending.deadline + ABANDONED_GRACE:  # nobody read it to the end: drop it
+                if not pending.done:
+                    await self.cancel(pending.request_id)
+                self._forget(pending.request_id)
+        if self.connected is not None and not self.connected.is_set():
+            return
+        for pending in list(self._unacked.values()):
+            if now - pending.published_at >= PUBACK_TIMEOUT and not pending.done:
+                self.republished += 1
+                log.info("request_republished", request_id=pending.request_id)
+                await self._publish(pending, pending.request_id if not pending.resends
+                                    else f"{pending.request_id}.{pending.resends}")
+        for pending in list(self._suspect.values()):
+            await self._check_suspect(pending, now)
+
+    async def _check_suspect(self, pending: _Pending, now: float) -> None:
+        """Re-send a request whose final response was lost: gone from the stream, no final."""
+        if pending.final_seen or pending.done or pending.request_id not in self._pending:
+            self._suspect.pop(pending.request_id, None)
+            return
+        if pending.request_id in self._unacked or pending.stream_seq is None:
+            return  # published again, waiting for its PubAck
+        if not pending.gone_since:
+            try:
+                await self.js.get_msg(self._stream, pending.stream_seq)
+                return  # still queued or running: it will be answered
+            except NotFoundError:
+                pending.gone_since = now
+                return
+        if now - pending.gone_since < FINAL_GRACE:
+            return
+        self._suspect.pop(pending.request_id, None)
+        pending.resends += 1
+        self.resent += 1
+        if pending.stream_seq is not None:
+            self._by_seq.pop(pending.stream_seq, None)
+        pending.stream_seq = None
+        log.info("request_resent", request_id=pending.request_id, resends=pending.resends)
+        await self._publish(pending, f"{pending.request_id}.{pending.resends}")
+
+    def _release_later(self, refs: list[TensorRef]) -> None:
+        if not refs or self.data_plane is None or self.data_plane.plane is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.data_plane.plane.release_quietly(refs))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def cancel(self, request_id: str) -> None:
         """Tell workers to stop the request and drop it from the queue if it waits there."""
@@ -309,8 +466,15 @@ class Caller:
 
     def _forget(self, request_id: str) -> None:
         pending = self._pending.pop(request_id, None)
-        if pending is not None and pending.stream_seq is not None:
+        if pending is None:
+            return
+        self._unacked.pop(request_id, None)
+        self._suspect.pop(request_id, None)
+        if pending.stream_seq is not None:
             self._by_seq.pop(pending.stream_seq, None)
+        if not pending.answered:  # no worker ran it (expired, cancelled, refused): free its inputs now
+            self._release_later(pending.refs)
+        pending.data = b""
 
     async def _on_inbox(self, msg: Msg) -> None:
         parts = msg.subject.rsplit(".", 2)
@@ -334,11 +498,15 @@ class Caller:
             log.warning("late_response_dropped", request_id=request_id, worker=resp.worker_id, kind=resp.kind)
             return
         if resp.final:
-            pending.final_seen = pending.done = True
+            pending.final_seen = pending.done = pending.answered = True
+            self._unacked.pop(request_id, None)
+            self._suspect.pop(request_id, None)
         pending.push(resp)
 
     def _on_pub_ack(self, pending: _Pending, msg: Msg) -> None:
         data = msg.data
+        if self._unacked.pop(pending.request_id, None) is None and pending.stream_seq is not None:
+            return  # the PubAck of a publish repeated meanwhile: the first one counted
         if data.startswith(b'{"stream":') and b'"error"' not in data:  # the common case, without json
             pos = data.rfind(b'"seq":')
             end = data.find(b",", pos)
@@ -352,9 +520,12 @@ class Caller:
                 return
         headers = msg.headers or {}
         if headers.get("Status") == "503":
-            pending.push(
-                RequestPlaneUnavailable("no stream takes this request", request_id=pending.request_id)
-            )
+            # No responder: the stream is missing, or JetStream is electing a leader (a restart,
+            # a lost node). Publish again later unless the stream is known to be missing.
+            self._unacked[pending.request_id] = pending
+            task = asyncio.get_running_loop().create_task(self._fail_if_no_stream(pending))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             return
         try:
             ack = json.loads(msg.data)
@@ -370,6 +541,19 @@ class Caller:
         if isinstance(seq, int):
             pending.stream_seq = seq
             self._by_seq[seq] = pending.request_id
+
+    async def _fail_if_no_stream(self, pending: _Pending) -> None:
+        try:
+            await self.js.stream_info(self._stream)
+            return
+        except NotFoundError:
+            pass
+        except Exception:  # JetStream not answering yet: keep retrying within the deadline
+            return
+        self._unacked.pop(pending.request_id, None)
+        pending.push(RequestPlaneUnavailable(
+            f"no stream takes this request: namespace {self.rp.namespace} is not deployed "
+            f"(stream {self._stream} missing)", request_id=pending.request_id, namespace=self.rp.namespace))
 
     async def _on_advisory(self, msg: Msg) -> None:
         try:

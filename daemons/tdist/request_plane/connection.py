@@ -35,14 +35,20 @@ async def connect(
     *,
     name: str,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    on_disconnect: Callable[[], Awaitable[None]] | None = None,
 ) -> NatsClient:
-    """Connect, retrying forever after the first success; fail fast if the first try fails."""
+    """Connect, retrying forever after the first success; fail fast if the first try fails.
+
+    The hooks run inside nats-py's reconnect task: they must only start work, never wait on it.
+    """
 
     async def error_cb(exc: Exception) -> None:
         log.warning("nats_error", error=str(exc), connection=name)
 
     async def disconnected_cb() -> None:
         log.info("nats_disconnected", connection=name)
+        if on_disconnect is not None:
+            await on_disconnect()
 
     async def reconnected_cb() -> None:
         log.info("nats_reconnected", connection=name)
@@ -72,6 +78,8 @@ async def connect(
             disconnected_cb=disconnected_cb,
             reconnected_cb=reconnected_cb,
             pending_size=64 << 20,
+            ping_interval=cfg.ping_interval,  # type: ignore[arg-type]  # nats-py only sleeps on it
+            max_outstanding_pings=cfg.max_outstanding_pings,
             **kwargs,  # type: ignore[arg-type]
         ), budget)  # nats-py can stall retrying a failed TLS handshake: bound the first connection
     except Exception as exc:  # nats raises several unrelated types here

@@ -6,6 +6,13 @@ one off; a 408 (request expired) or 409 (request refused) status gives back the
 ``Nats-Pending-Messages`` it names. Delivered messages keep their stream subject,
 so they cannot be matched to a pull request; the counts add up regardless.
 This is nats.go's continuous "consume" model, kept small and explicit.
+
+No pull request is sent while the connection is down (nats-py would buffer it and
+flush it at reconnect, so a worker could be handed more than its slots). After a
+reconnect the owner calls ``restart()``: a fresh inbox, so deliveries for pull
+requests of the old connection cannot be counted against the new ones.
+A 503 (no responders: JetStream or the consumer is not there yet) or a deleted
+consumer sets ``consumer_missing``; the owner then re-declares its consumers.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ class Puller:
     ) -> None:
         self._nc = nc
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._inbox = nc.new_inbox()
+        self._inbox = ""
         self._on_message = on_message
         self._on_credit_returned = on_credit_returned
         self._expires = expires
@@ -53,11 +60,18 @@ class Puller:
         return self._outstanding
 
     async def start(self) -> None:
+        self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
 
+    async def restart(self) -> None:
+        """A fresh inbox and no open pull requests: after a reconnect."""
+        await self.stop()
+        self.consumer_missing = False
+        await self.start()
+
     async def request(self, batch: int) -> None:
-        """Ask the server for up to ``batch`` more messages."""
-        if batch <= 0 or self._sub is None:
+        """Ask the server for up to ``batch`` more messages (not while disconnected)."""
+        if batch <= 0 or self._sub is None or not self._nc.is_connected:
             return
         self._outstanding += batch
         self._last_request = time.monotonic()
@@ -69,10 +83,6 @@ class Puller:
         if self._outstanding and time.monotonic() - self._last_request > self._expires + 5.0:
             self._outstanding = 0
             self._on_credit_returned()
-
-    def reset(self) -> None:
-        """Forget every open pull request (after a reconnect the server has none)."""
-        self._outstanding = 0
 
     async def stop(self) -> None:
         sub, self._sub = self._sub, None
@@ -93,7 +103,7 @@ class Puller:
                 returned = int(headers.get("Nats-Pending-Messages", "0"))
             except ValueError:
                 returned = 0
-            if status == "409" and "Consumer Deleted" in headers.get("Description", ""):
+            if status == "503" or (status == "409" and "Consumer Deleted" in headers.get("Description", "")):
                 self.consumer_missing = True
                 returned = self._outstanding
             elif status not in ("404", "408", "409"):

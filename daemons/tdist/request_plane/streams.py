@@ -1,4 +1,12 @@
-"""Creating the namespace's work-queue stream and its consumers (idempotent)."""
+"""Creating the namespace's work-queue stream and its consumers (idempotent).
+
+Only deployers call ``ensure_stream`` (the agent, a worker from its configuration,
+``python -m tdist.request_plane.deploy``): a caller never creates the stream with
+defaults of its own. Storage and replicas cannot change in place: a stream that
+exists with others than configured is used as it is, and the difference reported
+(``StreamMismatch`` in the log, and returned); its limits are brought to the
+configuration.
+"""
 
 from __future__ import annotations
 
@@ -43,31 +51,36 @@ def stream_config(rp: RequestPlaneConfig, max_payload: int) -> StreamConfig:
     )
 
 
-async def ensure_stream(js: JetStreamContext, rp: RequestPlaneConfig, max_payload: int, *, update: bool) -> None:
-    """Create the stream if it is missing; with ``update``, bring its limits to this configuration.
+async def ensure_stream(js: JetStreamContext, rp: RequestPlaneConfig, max_payload: int) -> list[str]:
+    """Create the stream if it is missing, else bring its limits to this configuration.
 
-    Callers create but never update: the workers' configuration owns the limits.
-    Storage and replicas of an existing stream are kept (they cannot change in place).
-    """
+    Returns the differences kept (storage, replicas), each also logged."""
     cfg = stream_config(rp, max_payload)
     try:
         info = await js.stream_info(cfg.name)  # type: ignore[arg-type]
     except NotFoundError:
         try:
             await js.add_stream(cfg)
-            return
+            log.info("stream_created", stream=cfg.name, storage=rp.storage, replicas=rp.replicas)
+            return []
         except BadRequestError:  # created meanwhile by another process
             info = await js.stream_info(cfg.name)  # type: ignore[arg-type]
-    if not update:
-        return
     have = info.config
+    kept = []
+    have_storage = str(getattr(have.storage, "value", have.storage) or "file")
+    if have_storage != rp.storage:
+        kept.append(f"storage is {have_storage}, configured {rp.storage}")
+    if (have.num_replicas or 1) != rp.replicas:
+        kept.append(f"replicas is {have.num_replicas or 1}, configured {rp.replicas}")
+    if kept:
+        log.warning("stream_mismatch", stream=cfg.name, differences=kept,
+                    fix="delete the stream while no request is queued, or change the configuration")
     cfg.storage, cfg.num_replicas = have.storage, have.num_replicas
-    if (have.storage != stream_config(rp, max_payload).storage):
-        log.warning("stream_storage_kept", stream=cfg.name, have=str(have.storage), want=rp.storage)
     if (have.max_age, have.max_msgs, have.max_bytes, have.max_msg_size) != (
         cfg.max_age, cfg.max_msgs, cfg.max_bytes, cfg.max_msg_size
     ):
         await js.update_stream(cfg)
+    return kept
 
 
 def _work_consumer(rp: RequestPlaneConfig, name: str, filter_subject: str, *, max_waiting: int, idle: float

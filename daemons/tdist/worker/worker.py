@@ -2,9 +2,25 @@
 
 For each operator the worker pulls only while it has free slots
 (``max_inflight``), acknowledges a request only after its final response is
-sent, and tells the server a long request is still in progress so that it is
+sent, and tells the server a running request is still in progress so that it is
 not redelivered while its worker lives. A worker that dies leaves its
 unacknowledged requests to be redelivered to another worker.
+
+Faults it holds against:
+
+* **NATS restarts**: the ``Runtime`` re-declares the consumers and pulls again
+  through fresh inboxes after a reconnect (no pulls while disconnected). A final
+  response is held while the connection is down and sent once it is back (then
+  acknowledged), and kept for a while: a caller that lost it re-sends the request
+  and gets the same final again (``replayed``), without the operator running twice.
+* **Malformed requests**: exactly one error response, then the message is
+  terminated; a bad input reference gets the data plane's error the same way.
+* **Hung operators**: at its deadline a request is cancelled; an operator that
+  does not stop within ``HUNG_GRACE`` is abandoned: its caller gets
+  ``DeadlineExceeded``, the message is terminated (not redelivered) and its slot
+  freed. A final response being sent is never interrupted.
+* **Duplicates**: a repeated request id (a re-send) that is still running here is
+  dropped; the running one answers.
 """
 
 from __future__ import annotations
@@ -20,13 +36,12 @@ from types import TracebackType
 from typing import Any
 
 import structlog
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from tdist.client import CallLink, RemoteOperator
 from tdist.config import DataPlaneConfig, NatsConfig, OperatorConfig, RequestPlaneConfig, WorkerConfig
 from tdist.data_plane.descriptor import TensorRef
-from tdist.data_plane.plane import LazyDataPlane, needs_reference
+from tdist.data_plane.plane import needs_reference
 from tdist.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -39,9 +54,9 @@ from tdist.logs import get_logger
 from tdist.operators import Operator, Request, load_operator_class
 from tdist.registry import OperatorInfo, Registry, WorkerInfo
 from tdist.request_plane import protocol, streams, subjects
-from tdist.request_plane.caller import Caller
-from tdist.request_plane.connection import CLOSE_STEP_TIMEOUT, close_connection, connect
 from tdist.request_plane.puller import Puller
+from tdist.runtime import Runtime, bounded
+from tdist.worker.replay import FinalResponses
 from tdist.worker.states import WorkerState, check_transition
 
 log = get_logger("tdist.worker")
@@ -50,6 +65,14 @@ _CANCELLED_MEMORY = 10_000
 OPERATOR_CLOSE_TIMEOUT = 60.0
 OUTPUT_RELEASE_WAIT = 10.0
 DEADLINE_SWEEP = 0.05
+HUNG_GRACE = 5.0
+"""Seconds an operator has to stop after its deadline cancelled it, before it is abandoned."""
+FINAL_SETTLE = 1.0
+"""After a reconnect, wait this long before sending held finals: callers reconnect too."""
+DIRECTED_HELD_MAX = 16
+"""Directed requests held (waiting for a slot or running) before the worker stops pulling more."""
+NAK_DELAY_NS = 1_000_000_000
+"""A message delivered beyond an operator's slots is handed back with this redelivery delay."""
 
 
 @dataclass(eq=False)
@@ -58,25 +81,34 @@ class _Held:
 
     msg: Msg
     runner: OperatorRunner
+    directed: bool = False
     request_id: str | None = None
     task: asyncio.Task[None] | None = None
     request: Request | None = None
     cancel_reason: str | None = None
     """Why its task was cancelled: 'caller', 'deadline' or 'shutdown'."""
     deadline: float | None = None
-    """Set while the operator runs; the deadline sweep cancels it once passed."""
+    """The request's deadline once decoded; the deadline sweep cancels it once passed."""
     refs: list[TensorRef] = field(default_factory=list)
     """Tensor references this request holds (its inputs, kept child outputs)."""
     last_progress: float = field(default_factory=time.monotonic)
+    has_slot: bool = False
+    finishing: bool = False
+    """Its final response is being sent: neither a deadline nor a cancel may interrupt it."""
+    finished: bool = False
+    abandoned: bool = False
+    """Its operator ignored the deadline: answered and terminated without it."""
 
 
-async def _bounded(step: str, aw: Any, timeout: float = CLOSE_STEP_TIMEOUT) -> None:
+def ack_tokens(msg: Msg) -> tuple[int, int]:
+    """(delivery count, stream sequence) from the ack subject (v1: 9 tokens, v2: 12)."""
+    tokens = (msg.reply or "").split(".")
     try:
-        await asyncio.wait_for(aw, timeout)
-    except TimeoutError:
-        log.warning("close_step_timed_out", step=step, seconds=timeout)
-    except Exception as exc:
-        log.warning("close_step_failed", step=step, error=f"{type(exc).__name__}: {exc}")
+        if len(tokens) == 9:
+            return int(tokens[4]), int(tokens[5])
+        return int(tokens[6]), int(tokens[7])
+    except (IndexError, ValueError):
+        return 1, 0
 
 
 class OperatorRunner:
@@ -88,7 +120,7 @@ class OperatorRunner:
         self.instance = instance
         self.slots = asyncio.Semaphore(config.max_inflight)
         self.held = 0
-        """Messages delivered and not yet finished (waiting for a slot or running)."""
+        """Messages delivered through the shared consumer and not yet finished."""
         self.running = 0
         self.served = 0
         self.puller: Puller | None = None
@@ -125,27 +157,35 @@ class Worker:
         worker_id: str | None = None,
     ) -> None:
         self.config = config
-        self.nats_config = nats
         self.rp = request_plane
         self.id = worker_id or f"{config.name}-{uuid.uuid4().hex[:10]}"
         subjects.check_name("worker id", self.id)
         self.state = WorkerState.STARTING
         self.started_at = time.time()
-        self.data_plane = LazyDataPlane(self.id, data_plane or DataPlaneConfig())
+        self.runtime = Runtime(nats, request_plane, data_plane or DataPlaneConfig(), component_id=self.id,
+                               name=f"tdist-worker {self.id}", deployer=True)
+        self.data_plane = self.runtime.data_plane
         self.runners: dict[tuple[str, int], OperatorRunner] = {}
-        self.nc: NatsClient | None = None
-        self.caller: Caller | None = None
         self.registry: Registry | None = None
         self._directed: Puller | None = None
+        self._directed_held = 0
         self._held: set[_Held] = set()
         self._by_request: dict[str, _Held] = {}
         self._cancelled: OrderedDict[str, float] = OrderedDict()
+        self._finals = FinalResponses(ttl=max(300.0, 2 * request_plane.ack_wait))
         self._tasks: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._maintenance: list[asyncio.Task[None]] = []
-        self._cancel_sub: Any = None
         self._stream = subjects.stream_name(request_plane.namespace)
+        self.replayed = 0
+        """Repeated requests answered from the kept final response, without running them."""
+        self.duplicates = 0
+        """Repeated requests dropped because the same request was running here."""
+        self.abandoned = 0
+        """Requests whose operator ignored their deadline."""
+        self.handed_back = 0
+        """Messages delivered beyond an operator's slots, handed back to the queue."""
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -170,17 +210,15 @@ class Worker:
                 await instance.setup()
                 self.runners[(op_cfg.name, op_cfg.version)] = OperatorRunner(self, op_cfg, instance)
             await self.data_plane.get()  # publish a data-plane address from the start
-            self.nc = await connect(self.nats_config, name=f"tdist-worker {self.id}", on_reconnect=self._on_reconnect)
-            self.caller = await Caller(self.nc, self.rp, component_id=self.id, data_plane=self.data_plane).start()
-            self.registry = await Registry.open(self.nc.jetstream(), self.rp.namespace)
-            self._cancel_sub = await self.nc.subscribe(subjects.cancel_wildcard(self.rp.namespace), cb=self._on_cancel)
+            await self.runtime.start()
+            self.registry = await self.runtime.registry()
+            await self.nc.subscribe(subjects.cancel_wildcard(self.rp.namespace), cb=self._on_cancel)
             await self._declare_consumers()
             await self._start_pullers()
+            self.runtime.on_recover(self._recover)
             self._set_state(WorkerState.SERVING)
             await self._register()
-            for runner in self.runners.values():
-                runner.top_up()
-            self._top_up_directed()
+            self._top_up_all()
             loop = asyncio.get_running_loop()
             self._maintenance = [loop.create_task(self._maintain()), loop.create_task(self._sweep_deadlines())]
             log.info("worker_serving", worker=self.id, operators=[f"{n}:{v}" for n, v in self.runners])
@@ -189,17 +227,23 @@ class Worker:
             await self._close_resources()
             raise
 
+    @property
+    def nc(self) -> Any:
+        return self.runtime.nc
+
+    @property
+    def caller(self) -> Any:
+        return self.runtime.caller
+
     async def _declare_consumers(self) -> None:
-        assert self.nc is not None
         js = self.nc.jetstream()
-        await streams.ensure_stream(js, self.rp, self.nc.max_payload, update=True)
+        await streams.ensure_stream(js, self.rp, self.nc.max_payload)
         for runner in self.runners.values():
             cfg = streams.shared_consumer_config(self.rp, runner.config.name, runner.config.version)
             await streams.ensure_consumer(js, self._stream, cfg)
         await streams.ensure_consumer(js, self._stream, streams.directed_consumer_config(self.rp, self.id))
 
     async def _start_pullers(self) -> None:
-        assert self.nc is not None
         for runner in self.runners.values():
             consumer = subjects.shared_consumer(runner.config.name, runner.config.version)
             runner.puller = Puller(
@@ -212,8 +256,15 @@ class Worker:
         await self._directed.start()
 
     def _top_up_directed(self) -> None:
-        if self._directed is not None and self.state is WorkerState.SERVING and self._directed.outstanding == 0:
-            self.spawn(self._directed.request(1))
+        directed = self._directed
+        if (directed is not None and self.state is WorkerState.SERVING and directed.outstanding == 0
+                and self._directed_held < DIRECTED_HELD_MAX):
+            self.spawn(directed.request(1))
+
+    def _top_up_all(self) -> None:
+        for runner in self.runners.values():
+            runner.top_up()
+        self._top_up_directed()
 
     async def drain(self) -> None:
         """Stop pulling, let held requests finish within ``drain_timeout``, then stop."""
@@ -230,10 +281,13 @@ class Worker:
         except TimeoutError:
             log.warning("drain_timeout", worker=self.id, held=len(self._held))
             for held in list(self._held):
+                if held.finishing:
+                    continue
                 held.cancel_reason = "shutdown"
                 if held.task is not None:
                     held.task.cancel()
-            await asyncio.gather(*[h.task for h in self._held if h.task], return_exceptions=True)
+            await bounded("drain_cancel", asyncio.gather(*[h.task for h in self._held if h.task],
+                                                         return_exceptions=True), HUNG_GRACE)
 
     async def stop(self) -> None:
         """Drain (if serving), deregister and close everything."""
@@ -244,27 +298,24 @@ class Worker:
         await self._close_resources()
 
     async def _close_resources(self) -> None:
-        """Release everything, each step bounded: a stuck step is logged, never a stuck worker."""
+        """Release everything, each step bounded: a stuck step is logged, never a stuck worker.
+
+        The worst case adds up to CLOSE_BUDGET seconds after the drain."""
         for task in self._maintenance:
             task.cancel()
-        await _bounded("maintenance", asyncio.gather(*self._maintenance, return_exceptions=True))
+        await bounded("maintenance", asyncio.gather(*self._maintenance, return_exceptions=True))
         self._maintenance = []
         for puller in self._pullers():
-            await _bounded("puller_stop", puller.stop())
+            await bounded("puller_stop", puller.stop())
         if self.registry is not None:
-            await _bounded("deregister", self.registry.delete(self.id))
+            await bounded("deregister", self.registry.delete(self.id))
         for task in list(self._tasks):
             task.cancel()
-        await _bounded("tasks", asyncio.gather(*self._tasks, return_exceptions=True))
+        await bounded("tasks", asyncio.gather(*self._tasks, return_exceptions=True))
         for runner in self.runners.values():
-            await _bounded(f"operator_close {runner.config.name}", runner.instance.close(), OPERATOR_CLOSE_TIMEOUT)
-        if self.caller is not None:
-            await _bounded("caller_close", self.caller.close())
+            await bounded(f"operator_close {runner.config.name}", runner.instance.close(), OPERATOR_CLOSE_TIMEOUT)
         # Callers may still be pulling outputs of the last requests: give them a moment.
-        wait = min(self.config.drain_timeout, OUTPUT_RELEASE_WAIT)
-        await _bounded("data_plane_close", self.data_plane.close(wait_for_release=wait), wait + 15)
-        if self.nc is not None:
-            await _bounded("nats_close", close_connection(self.nc), 3 * CLOSE_STEP_TIMEOUT)
+        await self.runtime.close(wait_for_release=min(self.config.drain_timeout, OUTPUT_RELEASE_WAIT))
         log.info("worker_stopped", worker=self.id)
 
     def _pullers(self) -> list[Puller]:
@@ -281,6 +332,7 @@ class Worker:
 
     def info(self) -> WorkerInfo:
         plane = self.data_plane.plane
+        nc = self.runtime._nc
         return WorkerInfo(
             id=self.id,
             name=self.config.name,
@@ -297,7 +349,7 @@ class Worker:
             tensors_held=len(plane.store) if plane else 0,
             bytes_pulled=plane.bytes_pulled if plane else 0,
             bytes_served=plane.bytes_served if plane else 0,
-            nats_in_bytes=int(self.nc.stats["in_bytes"]) if self.nc is not None else 0,
+            nats_in_bytes=int(nc.stats["in_bytes"]) if nc is not None else 0,
         )
 
     async def _register(self) -> None:
@@ -309,7 +361,7 @@ class Worker:
             log.warning("heartbeat_failed", worker=self.id, error=str(exc))
 
     async def _maintain(self) -> None:
-        """Heartbeats, in-progress signals for held requests, lost pull requests."""
+        """Heartbeats, in-progress signals for running requests, lost pull requests."""
         heartbeat_every = self.config.registry_ttl / 3
         progress_every = self.rp.ack_wait / 3
         tick = min(0.5, heartbeat_every, progress_every)
@@ -320,21 +372,26 @@ class Worker:
             if now >= next_heartbeat:
                 next_heartbeat = now + heartbeat_every
                 await self._register()
+            if not self.runtime.connected.is_set():
+                continue
+            wall = time.time()
             for held in list(self._held):
-                if now - held.last_progress >= progress_every:
+                # Only requests still within their deadline are kept alive: a hung one is
+                # abandoned by the deadline sweep, never kept forever.
+                if (now - held.last_progress >= progress_every and not held.finished
+                        and (held.deadline is None or wall < held.deadline + HUNG_GRACE)):
                     held.last_progress = now
                     await self._ack(held.msg, b"+WPI")
+            missing = False
             for puller in self._pullers():
                 puller.forget_stale()
-            for runner in self.runners.values():
-                if runner.puller is not None and runner.puller.consumer_missing:
-                    runner.puller.consumer_missing = False
-                    await self._recover()
-                runner.top_up()
-            self._top_up_directed()
+                missing = missing or puller.consumer_missing
+            if missing:
+                self.runtime.request_recovery()
+            self._top_up_all()
 
     async def _sweep_deadlines(self) -> None:
-        """Cancel operators whose request deadline passed.
+        """Cancel operators whose request deadline passed; abandon those that do not stop.
 
         One sweep every DEADLINE_SWEEP seconds costs less than a timer per request;
         the caller enforces its deadline exactly, this only stops wasted work.
@@ -343,39 +400,68 @@ class Worker:
             await asyncio.sleep(DEADLINE_SWEEP)
             now = time.time()
             for held in list(self._held):
-                if held.deadline is not None and now >= held.deadline and held.cancel_reason is None:
+                deadline = held.deadline
+                if deadline is None or held.finishing or not now >= deadline:
+                    continue
+                if held.cancel_reason is None:
                     held.cancel_reason = "deadline"
+                    if held.request is not None:
+                        held.request.cancelled.set()
                     if held.task is not None:
                         held.task.cancel()
+                elif now >= deadline + HUNG_GRACE and not held.abandoned:
+                    held.abandoned = True
+                    self.spawn(self._abandon(held))
 
-    async def _on_reconnect(self) -> None:
-        self.spawn(self._recover())
+    async def _abandon(self, held: _Held) -> None:
+        """The operator ignored its cancellation: answer, terminate the message, free the slot."""
+        self.abandoned += 1
+        log.warning("operator_hung", request_id=held.request_id, operator=held.runner.config.name,
+                    seconds_past_deadline=round(time.time() - (held.deadline or 0), 1))
+        reply = None
+        try:
+            reply = protocol.decode_request(held.msg.data).reply_to
+        except InvalidRequest:
+            pass
+        held.finishing = True
+        if reply and held.request_id:
+            error = DeadlineExceeded("the operator did not stop after its deadline; abandoned",
+                                     operator=held.runner.config.name, worker=self.id)
+            await self._send(reply, self._error(held.request_id, error, ack_tokens(held.msg)[0]))
+        await self._ack(held.msg, b"+TERM")
+        await self._release_refs(held)
+        self._release_slot(held)
+        self._finish(held)
 
     async def _recover(self) -> None:
-        """After a reconnect the server holds none of our pull requests; it may have lost consumers too."""
-        try:
-            await self._declare_consumers()
-        except Exception as exc:
-            log.warning("redeclare_failed", worker=self.id, error=str(exc))
+        """After a reconnect the server holds none of our pull requests; it may have lost consumers
+        too. Raises (and the runtime retries) until JetStream answers."""
+        await self._declare_consumers()
         for puller in self._pullers():
-            puller.reset()
-        for runner in self.runners.values():
-            runner.top_up()
-        self._top_up_directed()
+            if self.state is WorkerState.SERVING:
+                await puller.restart()
+        self._top_up_all()
         await self._register()
 
     # -- serving -------------------------------------------------------------
 
-    def _accept(self, msg: Msg, runner: OperatorRunner) -> None:
-        held = _Held(msg, runner)
-        runner.held += 1
+    def _accept(self, msg: Msg, runner: OperatorRunner, *, directed: bool = False) -> None:
+        if not directed and runner.held >= runner.config.max_inflight:
+            # More than our slots (a pull of an earlier connection): hand it to another worker.
+            self.handed_back += 1
+            self.spawn(self._ack(msg, b'-NAK {"delay": %d}' % NAK_DELAY_NS))
+            return
+        held = _Held(msg, runner, directed)
+        if directed:
+            self._directed_held += 1
+        else:
+            runner.held += 1
         self._held.add(held)
         self._idle.clear()
         # Tracked through _held (not spawn): one task per request is the hot path.
         held.task = asyncio.get_running_loop().create_task(self._serve(held))
 
     def _accept_directed(self, msg: Msg) -> None:
-        self._top_up_directed()
         tokens = msg.subject.split(".")
         runner = None
         if len(tokens) == 6:
@@ -385,8 +471,10 @@ class Worker:
                 runner = None
         if runner is None:
             self.spawn(self._reject_unknown(msg, tokens[3] if len(tokens) > 3 else "?"))
+            self._top_up_directed()
             return
-        self._accept(msg, runner)
+        self._accept(msg, runner, directed=True)
+        self._top_up_directed()
 
     async def _reject_unknown(self, msg: Msg, operator: str) -> None:
         try:
@@ -397,34 +485,42 @@ class Worker:
                     f"worker {self.id} does not host operator {req.operator} v{req.version}",
                     operator=req.operator, version=req.version, worker=self.id,
                     hosted=[f"{n}:{v}" for n, v in self.runners],
-                ), self._attempt(msg)),
+                ), ack_tokens(msg)[0]),
             )
+            await self._ack(msg, b"+TERM")
+            await self._release_input_refs(req)
         except InvalidRequest as exc:
             await self._answer_malformed(exc, msg)
-        await self._ack(msg, b"+TERM")
+            await self._ack(msg, b"+TERM")
+
+    def _release_slot(self, held: _Held) -> None:
+        if held.has_slot:
+            held.has_slot = False
+            held.runner.running -= 1
+            held.runner.slots.release()
 
     def _finish(self, held: _Held) -> None:
-        held.runner.held -= 1
+        """Forget a held message (once): its slot in the pull credit, its request id."""
+        if held.finished:
+            return
+        held.finished = True
+        if held.directed:
+            self._directed_held -= 1
+        else:
+            held.runner.held -= 1
         self._held.discard(held)
-        if held.request_id is not None:
-            self._by_request.pop(held.request_id, None)
+        if held.request_id is not None and self._by_request.get(held.request_id) is held:
+            del self._by_request[held.request_id]
         if not self._held:
             self._idle.set()
         held.runner.top_up()
-
-    @staticmethod
-    def _attempt(msg: Msg) -> int:
-        """The delivery count, read straight from the ack subject (v1: 9 tokens, v2: 12)."""
-        tokens = (msg.reply or "").split(".")
-        try:
-            return int(tokens[4] if len(tokens) == 9 else tokens[6])
-        except (IndexError, ValueError):
-            return 1
+        if held.directed:
+            self._top_up_directed()
 
     async def _serve(self, held: _Held) -> None:
         msg, runner = held.msg, held.runner
         req: protocol.RequestMessage | None = None
-        attempt = self._attempt(msg)
+        attempt, seq = ack_tokens(msg)
         try:
             try:
                 req = protocol.decode_request(msg.data)
@@ -433,27 +529,33 @@ class Worker:
                 await self._ack(msg, b"+TERM")
                 return
             held.request_id = req.id
-            self._by_request[req.id] = held
+            held.deadline = req.deadline
             structlog.contextvars.bind_contextvars(request_id=req.id, trace_id=req.trace_id, operator=req.operator)
+            if await self._answered_before(held, req, seq):
+                return
+            held.refs = [v for v in req.inputs.values() if isinstance(v, TensorRef)]  # released once acknowledged
+            self._by_request[req.id] = held
             refusal = self._refusal(held, req, attempt)
+            if refusal is None:
+                await runner.slots.acquire()
+                held.has_slot = True
+                runner.running += 1
+                refusal = self._refusal(held, req, attempt)
             if refusal is not None:
                 await self._finish_with(held, req, refusal)
                 return
-            async with runner.slots:
-                refusal = self._refusal(held, req, attempt)
-                if refusal is not None:
-                    await self._finish_with(held, req, refusal)
-                    return
-                runner.running += 1
-                try:
-                    final = await self._execute(held, runner, req, attempt)
-                finally:
-                    runner.running -= 1
-                    runner.served += 1
+            try:
+                final = await self._execute(held, runner, req, attempt)
+            finally:
+                runner.served += 1
             await self._finish_with(held, req, final)
         except asyncio.CancelledError:
-            if held.cancel_reason in ("caller", "deadline") and req is not None:
-                task = asyncio.current_task()
+            task = asyncio.current_task()
+            if held.abandoned:  # already answered and terminated by _abandon
+                if task is not None:
+                    task.uncancel()
+                return
+            if held.cancel_reason in ("caller", "deadline") and req is not None and not held.finishing:
                 if task is not None:
                     task.uncancel()
                 if held.cancel_reason == "caller":
@@ -464,14 +566,37 @@ class Worker:
                     error = DeadlineExceeded("deadline passed while the operator ran")
                 await self._finish_with(held, req, self._error(req.id, error, attempt))
                 return
-            if held.cancel_reason == "shutdown":
+            if held.cancel_reason == "shutdown" and not held.finishing:
                 await self._ack(msg, b"-NAK")  # hand it to another worker now
             raise
         except Exception as exc:  # a bug of ours: never leave the request hanging
             log.exception("serve_failed", error=str(exc))
-            await self._ack(msg, b"-NAK")
+            if not held.finishing:
+                await self._ack(msg, b"-NAK")
         finally:
-            self._finish(held)
+            if not held.abandoned:
+                self._release_slot(held)
+                self._finish(held)
+
+    async def _answered_before(self, held: _Held, req: protocol.RequestMessage, seq: int) -> bool:
+        """A repeated request id: replay its final response, or leave it to the copy running here."""
+        cached = self._finals.get(req.id, time.monotonic())
+        if cached is not None:
+            self.replayed += 1
+            log.info("final_replayed")
+            held.finishing = True
+            await self._publish(req.reply_to, cached)
+            await self._ack(held.msg, b"+ACK")
+            return True
+        running = self._by_request.get(req.id)
+        if running is None or running is held:
+            return False
+        self.duplicates += 1
+        held.finishing = True
+        if not (seq and ack_tokens(running.msg)[1] == seq):  # another copy: the running one answers
+            await self._ack(held.msg, b"+TERM")
+        # else: the same message delivered again while it runs here: the running one acknowledges it
+        return True
 
     def _refusal(self, held: _Held, req: protocol.RequestMessage, attempt: int) -> protocol.ResponseMessage | None:
         """The error that keeps a request from starting, if any (cancelled, or past its deadline)."""
@@ -484,33 +609,31 @@ class Worker:
 
     async def _execute(self, held: _Held, runner: OperatorRunner, req: protocol.RequestMessage, attempt: int
                        ) -> protocol.ResponseMessage:
+        """Pull the inputs, run the operator: every failure becomes an error response."""
         async def send_partial(outputs: Mapping[str, Any], parameters: Mapping[str, Any] | None) -> None:
             partial = protocol.ResponseMessage(
                 req.id, "partial", self.id, attempt, await self._outgoing(outputs), dict(parameters or {})
             )
             await self._send(req.reply_to, partial, check=True)
 
-        plane = await self.data_plane.get()
-        inputs = req.inputs
-        held.refs = [v for v in inputs.values() if isinstance(v, TensorRef)]  # released once acknowledged
-        if held.refs and runner.instance.pull_inputs:
-            inputs = await plane.materialize(inputs, release=False)
-        request = Request(
-            id=req.id,
-            trace_id=req.trace_id,
-            operator=req.operator,
-            version=req.version,
-            deadline=req.deadline,
-            attempt=attempt,
-            parameters=req.parameters,
-            inputs=inputs,
-            send_partial=send_partial,
-            make_remote=self._remote_for,
-            hold=held.refs.extend,
-        )
-        held.request = request
-        held.deadline = req.deadline  # from now on the deadline sweep may cancel it
         try:
+            inputs = req.inputs
+            if held.refs and runner.instance.pull_inputs:
+                inputs = await (await self.data_plane.get()).materialize(inputs, release=False)
+            request = Request(
+                id=req.id,
+                trace_id=req.trace_id,
+                operator=req.operator,
+                version=req.version,
+                deadline=req.deadline,
+                attempt=attempt,
+                parameters=req.parameters,
+                inputs=inputs,
+                send_partial=send_partial,
+                make_remote=self._remote_for,
+                hold=held.refs.extend,
+            )
+            held.request = request
             outputs = await runner.instance.execute(request)
             return protocol.ResponseMessage(req.id, "final", self.id, attempt, await self._outgoing(outputs or {}))
         except TdistError as exc:
@@ -535,7 +658,6 @@ class Worker:
         return await (await self.data_plane.get()).outgoing(outputs)
 
     def _remote_for(self, name: str, version: int, request: Request) -> RemoteOperator:
-        assert self.caller is not None
         return RemoteOperator(
             self.caller, name, version, link=CallLink(request.trace_id, request.id, request.deadline, request.hold)
         )
@@ -545,41 +667,71 @@ class Worker:
 
     async def _finish_with(self, held: _Held, req: protocol.RequestMessage, final: protocol.ResponseMessage) -> None:
         """Send the final response, then acknowledge: never the other way round. Only then
-        release the request's tensor references (a redelivery would still need them)."""
-        await self._send(req.reply_to, final)
+        release the request's tensor references (a redelivery would still need them).
+
+        While NATS is down the final waits for the connection (bounded), so that it is not
+        flushed at reconnect before its caller listens again; it is also kept for replays."""
+        held.finishing = True
+        data = self._encode(final)
+        if not self.runtime.connected.is_set():
+            await self._wait_for_connection(req.deadline)
+        self._finals.put(req.id, data, time.monotonic())
+        await self._publish(req.reply_to, data)
         await self._ack(held.msg, b"+ACK")
-        if held.refs:
-            plane = self.data_plane.plane
-            if plane is not None:
-                await plane.release_quietly(held.refs)
-            held.refs = []
+        await self._release_refs(held)
+
+    async def _wait_for_connection(self, deadline: float) -> None:
+        budget = max(0.0, deadline - time.time()) + self.rp.ack_wait
+        try:
+            async with asyncio.timeout(budget):
+                await self.runtime.connected.wait()
+            await asyncio.sleep(FINAL_SETTLE)
+        except TimeoutError:
+            pass
+
+    async def _release_refs(self, held: _Held) -> None:
+        refs, held.refs = held.refs, []
+        plane = self.data_plane.plane
+        if refs and plane is not None:
+            await plane.release_quietly(refs)
+
+    async def _release_input_refs(self, req: protocol.RequestMessage) -> None:
+        refs = [v for v in req.inputs.values() if isinstance(v, TensorRef)]
+        if refs:
+            await (await self.data_plane.get()).release_quietly(refs)
 
     async def _answer_malformed(self, exc: InvalidRequest, msg: Msg) -> None:
         reply = exc.details.get("reply_to")
         log.warning("malformed_request", error=exc.message, subject=msg.subject, can_answer=bool(reply))
         if isinstance(reply, str) and reply:
             request_id = reply.rsplit(".", 1)[-1]
-            await self._send(reply, self._error(request_id, exc, self._attempt(msg)))
+            await self._send(reply, self._error(request_id, exc, ack_tokens(msg)[0]))
 
-    async def _send(self, reply_to: str, resp: protocol.ResponseMessage, *, check: bool = False) -> None:
-        """Publish a response; one too large for the server becomes an error (or raises, for partials)."""
-        assert self.nc is not None
+    def _encode(self, resp: protocol.ResponseMessage, *, check: bool = False) -> bytes:
+        """Encode a response; one too large for the server becomes an error (or raises, for partials)."""
         data = protocol.encode_response(resp)
-        if len(data) > self.nc.max_payload:
+        max_payload = self.nc.max_payload
+        if len(data) > max_payload:
             too_large = PayloadTooLarge(
-                f"response is {len(data)} bytes, the server's max_payload is {self.nc.max_payload}",
-                size=len(data), max_payload=self.nc.max_payload,
+                f"response is {len(data)} bytes, the server's max_payload is {max_payload}",
+                size=len(data), max_payload=max_payload,
             )
             if check:
                 raise too_large
             data = protocol.encode_response(self._error(resp.request_id, too_large, resp.attempt))
+        return data
+
+    async def _send(self, reply_to: str, resp: protocol.ResponseMessage, *, check: bool = False) -> None:
+        await self._publish(reply_to, self._encode(resp, check=check))
+
+    async def _publish(self, reply_to: str, data: bytes) -> None:
         try:
             await self.nc.publish(reply_to, data)
         except Exception as exc:
             log.warning("response_publish_failed", error=str(exc))
 
     async def _ack(self, msg: Msg, kind: bytes) -> None:
-        if not msg.reply or self.nc is None:
+        if not msg.reply:
             return
         try:
             await self.nc.publish(msg.reply, kind)
@@ -593,6 +745,8 @@ class Worker:
             self._cancelled[request_id] = time.monotonic()
             while len(self._cancelled) > _CANCELLED_MEMORY:
                 self._cancelled.popitem(last=False)
+            return
+        if held.finishing or held.cancel_reason is not None:
             return
         held.cancel_reason = "caller"
         if held.request is not None:
