@@ -133,3 +133,23 @@ class PyDecoder(Operator):
         copies = request.inputs.get("input_copies")
         k = int(copies.reshape(-1)[0]) if copies is not None else int(request.parameters.get("input_copies", 1))
         return {"output": np.invert(y[: len(y) // k])}
+
+
+class Stubborn(Operator):
+    """Ignores cancellation: keeps working ``delay`` seconds whatever happens (a hung operator)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.finished = 0
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        end = asyncio.get_running_loop().time() + float(request.parameters.get("delay", 30.0))
+        while (left := end - asyncio.get_running_loop().time()) > 0:
+            try:
+                await asyncio.sleep(left)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+        self.finished += 1
+        return request.inputs
