@@ -159,10 +159,19 @@ class LoggingConfig:
     level: str = "info"
     file: str | None = None
     """Write JSON lines here instead of standard error."""
+    rotate_bytes: int = 64 << 20
+    """The file is rotated at this size (0: never)."""
+    backups: int = 5
+    """Rotated files kept."""
+    request_log: bool = True
+    """One summary line per request at info (id, trace, operator, worker, attempt, times, outcome, bytes)."""
 
     def __post_init__(self) -> None:
         if self.level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError(f"unknown level {self.level!r}", key="logging.level")
+        for key in ("rotate_bytes", "backups"):
+            if getattr(self, key) < 0:
+                raise ConfigError("must not be negative", key=f"logging.{key}")
 
 
 @dataclass(frozen=True)
@@ -285,7 +294,9 @@ def parse_data_plane(t: _Table) -> DataPlaneConfig:
 
 
 def parse_logging(t: _Table) -> LoggingConfig:
-    return _build(LoggingConfig, t, level=t.get("level", str), file=t.get("file", str))
+    return _build(LoggingConfig, t, level=t.get("level", str), file=t.get("file", str),
+                  rotate_bytes=t.get("rotate_bytes", int), backups=t.get("backups", int),
+                  request_log=t.get("request_log", bool))
 
 
 def parse_operator(t: _Table) -> OperatorConfig:

@@ -118,7 +118,7 @@ async def run(wf: WorkerFile, worker_id: str | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     worker = Worker(wf.worker, nats=wf.nats, request_plane=wf.request_plane, data_plane=wf.data_plane,
-                    worker_id=worker_id)
+                    worker_id=worker_id, request_log=wf.logging.request_log)
     structlog.contextvars.bind_contextvars(worker=worker.id)  # every task of this process inherits it
     async with worker:
         print(json.dumps({"event": "worker_ready", "worker_id": worker.id}), flush=True)
@@ -134,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tdist-worker: configuration error: {exc.message}", file=sys.stderr)
         return 1
-    logs.configure(wf.logging.level, file=wf.logging.file, component="worker", node=wf.worker.node)
+    logs.configure(wf.logging.level, file=wf.logging.file, rotate_bytes=wf.logging.rotate_bytes,
+                   backups=wf.logging.backups, component="worker", node=wf.worker.node)
     try:
         return asyncio.run(run(wf, args.worker_id))
     except TdistError as exc:

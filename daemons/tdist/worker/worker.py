@@ -50,6 +50,7 @@ from tdist.errors import (
     PayloadTooLarge,
     TdistError,
 )
+from tdist import metrics
 from tdist.logs import get_logger
 from tdist.operators import Operator, Request, load_operator_class
 from tdist.registry import OperatorInfo, Registry, WorkerInfo
@@ -98,17 +99,24 @@ class _Held:
     finished: bool = False
     abandoned: bool = False
     """Its operator ignored the deadline: answered and terminated without it."""
+    attempt: int = 1
+    published_ns: int = 0
+    """When the request was stored in the stream (from the ack subject), for its queue time."""
+    started: float = 0.0
+    """Monotonic time it got its slot."""
+    queue_seconds: float | None = None
+    """From its publish to getting its slot."""
 
 
-def ack_tokens(msg: Msg) -> tuple[int, int]:
-    """(delivery count, stream sequence) from the ack subject (v1: 9 tokens, v2: 12)."""
+def ack_tokens(msg: Msg) -> tuple[int, int, int]:
+    """(delivery count, stream sequence, publish time in ns) from the ack subject (v1: 9 tokens, v2: 12)."""
     tokens = (msg.reply or "").split(".")
     try:
         if len(tokens) == 9:
-            return int(tokens[4]), int(tokens[5])
-        return int(tokens[6]), int(tokens[7])
+            return int(tokens[4]), int(tokens[5]), int(tokens[7])
+        return int(tokens[6]), int(tokens[7]), int(tokens[9])
     except (IndexError, ValueError):
-        return 1, 0
+        return 1, 0, 0
 
 
 class OperatorRunner:
@@ -124,6 +132,11 @@ class OperatorRunner:
         self.running = 0
         self.served = 0
         self.puller: Puller | None = None
+        name = config.name
+        self.m_in_flight = metrics.IN_FLIGHT.labels(name)
+        self.m_queue = metrics.QUEUE_SECONDS.labels(name)
+        self.m_run = metrics.RUN_SECONDS.labels(name)
+        self._m_outcomes: dict[str, Any] = {}
         # Top up in batches once a quarter of the slots is free, but never leave none asked for.
         self._min_batch = max(1, config.max_inflight // 4)
 
@@ -143,6 +156,13 @@ class OperatorRunner:
     def info(self) -> OperatorInfo:
         return OperatorInfo(self.config.name, self.config.version, self.config.max_inflight, self.running)
 
+    def count(self, outcome: str) -> None:
+        counter = self._m_outcomes.get(outcome)
+        if counter is None:
+            counter = self._m_outcomes[outcome] = metrics.REQUESTS.labels(
+                self.config.name, str(self.config.version), outcome)
+        counter.inc()
+
 
 class Worker:
     """``async with Worker(...) as w: ...`` serves until the block ends (then drains); signals are the caller's."""
@@ -155,9 +175,12 @@ class Worker:
         request_plane: RequestPlaneConfig,
         data_plane: DataPlaneConfig | None = None,
         worker_id: str | None = None,
+        request_log: bool = True,
     ) -> None:
         self.config = config
         self.rp = request_plane
+        self.request_log = request_log
+        """One summary line per request at info (``[logging] request_log``)."""
         self.id = worker_id or f"{config.name}-{uuid.uuid4().hex[:10]}"
         subjects.check_name("worker id", self.id)
         self.state = WorkerState.STARTING
@@ -416,6 +439,8 @@ class Worker:
     async def _abandon(self, held: _Held) -> None:
         """The operator ignored its cancellation: answer, terminate the message, free the slot."""
         self.abandoned += 1
+        metrics.ABANDONED.labels(held.runner.config.name).inc()
+        held.runner.count("deadline_exceeded")
         log.warning("operator_hung", request_id=held.request_id, operator=held.runner.config.name,
                     seconds_past_deadline=round(time.time() - (held.deadline or 0), 1))
         reply = None
@@ -497,6 +522,7 @@ class Worker:
         if held.has_slot:
             held.has_slot = False
             held.runner.running -= 1
+            held.runner.m_in_flight.dec()
             held.runner.slots.release()
 
     def _finish(self, held: _Held) -> None:
@@ -520,11 +546,13 @@ class Worker:
     async def _serve(self, held: _Held) -> None:
         msg, runner = held.msg, held.runner
         req: protocol.RequestMessage | None = None
-        attempt, seq = ack_tokens(msg)
+        attempt, seq, held.published_ns = ack_tokens(msg)
+        held.attempt = attempt
         try:
             try:
                 req = protocol.decode_request(msg.data)
             except InvalidRequest as exc:
+                runner.count("invalid_request")
                 await self._answer_malformed(exc, msg)
                 await self._ack(msg, b"+TERM")
                 return
@@ -539,7 +567,14 @@ class Worker:
             if refusal is None:
                 await runner.slots.acquire()
                 held.has_slot = True
+                held.started = time.monotonic()
                 runner.running += 1
+                runner.m_in_flight.inc()
+                if held.published_ns:
+                    held.queue_seconds = max(0.0, time.time() - held.published_ns / 1e9)
+                    runner.m_queue.observe(held.queue_seconds)
+                if attempt > 1:
+                    metrics.REDELIVERIES.labels(runner.config.name).inc()
                 refusal = self._refusal(held, req, attempt)
             if refusal is not None:
                 await self._finish_with(held, req, refusal)
@@ -583,6 +618,7 @@ class Worker:
         cached = self._finals.get(req.id, time.monotonic())
         if cached is not None:
             self.replayed += 1
+            metrics.REPLAYED.labels(held.runner.config.name).inc()
             log.info("final_replayed")
             held.finishing = True
             await self._publish(req.reply_to, cached)
@@ -678,7 +714,22 @@ class Worker:
         self._finals.put(req.id, data, time.monotonic())
         await self._publish(req.reply_to, data)
         await self._ack(held.msg, b"+ACK")
+        self._account(held, final, len(data))
         await self._release_refs(held)
+
+    def _account(self, held: _Held, final: protocol.ResponseMessage, bytes_out: int) -> None:
+        """Metrics and the one summary line of a finished request."""
+        runner = held.runner
+        outcome = "ok" if final.error is None else final.error.code.lower()
+        runner.count(outcome)
+        run = time.monotonic() - held.started if held.started else 0.0
+        if held.started:
+            runner.m_run.observe(run)
+        if self.request_log:
+            queue = held.queue_seconds
+            log.info("request", worker=self.id, attempt=held.attempt, outcome=outcome,
+                     queue_ms=None if queue is None else round(queue * 1e3, 3), run_ms=round(run * 1e3, 3),
+                     bytes_in=len(held.msg.data), bytes_out=bytes_out, refs=len(held.refs))
 
     async def _wait_for_connection(self, deadline: float) -> None:
         budget = max(0.0, deadline - time.time()) + self.rp.ack_wait
