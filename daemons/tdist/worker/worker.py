@@ -24,7 +24,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from tdist.client import CallLink, RemoteOperator
-from tdist.config import DataPlaneConfig, NatsConfig, OperatorConfig, RequestPlaneConfig, WorkerConfig
+from tdist.config import PING_OPERATOR, DataPlaneConfig, NatsConfig, OperatorConfig, RequestPlaneConfig, WorkerConfig
 from tdist.data_plane.descriptor import TensorRef
 from tdist.data_plane.plane import LazyDataPlane, needs_reference
 from tdist.errors import (
@@ -37,6 +37,7 @@ from tdist.errors import (
 )
 from tdist.logs import get_logger
 from tdist.operators import Operator, Request, load_operator_class
+from tdist.operators.builtin import Ping
 from tdist.registry import OperatorInfo, Registry, WorkerInfo
 from tdist.request_plane import protocol, streams, subjects
 from tdist.request_plane.caller import Caller
@@ -146,6 +147,9 @@ class Worker:
         self._maintenance: list[asyncio.Task[None]] = []
         self._cancel_sub: Any = None
         self._stream = subjects.stream_name(request_plane.namespace)
+        # The agent's canary: answered on the directed subject only, through the same path as any request.
+        self._ping = OperatorRunner(self, OperatorConfig(PING_OPERATOR, "tdist.operators.builtin:Ping", max_inflight=2),
+                                    Ping(PING_OPERATOR, 1, {}))
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -380,7 +384,8 @@ class Worker:
         runner = None
         if len(tokens) == 6:
             try:
-                runner = self.runners.get((tokens[3], int(tokens[4])))
+                key = (tokens[3], int(tokens[4]))
+                runner = self.runners.get(key) or (self._ping if key == self._ping.key else None)
             except ValueError:
                 runner = None
         if runner is None:
