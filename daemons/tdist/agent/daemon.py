@@ -60,6 +60,7 @@ from nats.aio.client import Client as NatsClient
 from tdist import __version__
 from tdist.agent.config import AgentConfig, AgentWorkerConfig, load_agent_config
 from tdist.agent.gpus import GpuInfo, describe_gpus, detect_gpus
+from tdist.agent.notify import notify
 from tdist.agent.processes import (
     AgentStartError,
     PidFile,
@@ -358,6 +359,12 @@ class Agent:
     async def reload(self) -> None:
         """Re-read the file; apply it only if it is valid (the running set stays otherwise).
         Never raises: failures are logged and counted."""
+        try:
+            await self._reload()
+        finally:
+            notify("READY=1")  # ends systemd's RELOADING=1 (sent by the SIGHUP handler)
+
+    async def _reload(self) -> None:
         try:
             cfg = self._load()
             if (cfg.nats, cfg.directories, cfg.http, cfg.node.name) != (

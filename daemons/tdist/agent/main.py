@@ -62,8 +62,11 @@ async def run(config_path: str, nats_url: str | None = None, http_port: int | No
         await agent.prepare()
         # The first line on stdout (launchers and tests read it): HTTP answers from now on.
         print(f"tdist-agent: starting, http on port {agent.http_port}", flush=True)
+        # Ready for systemd = handlers installed and /live answering; whether the workers serve is
+        # /ready's business (NATS may be unreachable for a while, which must not fail the unit's start).
+        notify(f"READY=1\nSTATUS=starting: NATS, then {len(agent.programs)} workers")
         if await agent.start(stop):
-            notify("READY=1")
+            notify(f"STATUS=serving: {len(agent.programs)} workers")
             await agent.run(stop, reload)
     finally:
         notify("STOPPING=1")
