@@ -326,7 +326,14 @@ class Agent:
                 pass
 
     async def stop(self) -> None:
-        """Drain the workers (supervisord sends SIGTERM and waits), deregister, stop, clean up."""
+        """Drain the workers (supervisord sends SIGTERM and waits), deregister, stop, clean up.
+
+        An agent that did not get the state dir's lock started nothing and owns nothing there:
+        it only closes its HTTP socket (the state dir's processes are another agent's)."""
+        if not self._lock.held:
+            if self.http is not None:
+                self.http.close()
+            return
         for task in (self._canary_task, self._reload_task):
             if task is not None:
                 task.cancel()
