@@ -196,8 +196,8 @@ class Agent:
         try:
             self.http = await asyncio.start_server(self._serve_http, cfg.http.host, cfg.http.port)
         except OSError as exc:
-            raise AgentStartError(f"http: cannot listen on {cfg.http.host}:{cfg.http.port}: "
-                                  f"{exc.strerror or exc}") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise AgentStartError(f"http: cannot listen on {cfg.http.host}:{cfg.http.port}: {reason}") from None
         self.http_port = self.http.sockets[0].getsockname()[1]
 
     async def start(self, stop: asyncio.Event) -> bool:
