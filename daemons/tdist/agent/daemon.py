@@ -48,6 +48,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -413,8 +414,6 @@ class Agent:
         return describe_gpus(list(cfg.node.gpus), detected)
 
     def _plan(self, cfg: AgentConfig, gpus: tuple[GpuInfo, ...]) -> tuple[Program, ...]:
-        import sys
-
         return plan_programs(cfg, gpus, taskset="taskset" if shutil.which("taskset") else None,
                              directory=os.getcwd(), command=worker_command(sys.executable, self.nats_file),
                              prefix=die_with_parent())
