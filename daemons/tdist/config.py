@@ -7,22 +7,44 @@ A worker file holds ``[nats]``, ``[request_plane]``, ``[logging]`` and either on
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from urllib.parse import unquote
+
 from tdist.errors import ConfigError
+from tdist.logs import get_logger
 from tdist.request_plane.subjects import check_name
+
+
+RESERVED_PREFIX = "_"
+"""Operator names beginning with this are tdist's own: a worker configuration cannot host them."""
+PING_OPERATOR = "_ping"
+"""The built-in canary operator every worker answers on its directed subject (version 1)."""
 
 
 @dataclass(frozen=True)
 class NatsConfig:
+    """How to reach NATS, and with what credentials.
+
+    Secrets (``password``, ``token``) are kept out of ``repr`` (so out of logs and digests).
+    Credentials written into a server URL (``nats://user:pass@host``, ``nats://token@host``)
+    are moved into ``user``/``password`` or ``token`` here, so URLs never carry a secret
+    anywhere else (argv, logs, error details).
+    """
+
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     user: str | None = None
-    password: str | None = None
-    token: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    password_file: str | None = None
+    """Where ``password`` was read from (TOML ``password_file``), kept for messages only."""
+    token_file: str | None = None
     creds_file: str | None = None
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
@@ -34,14 +56,25 @@ class NatsConfig:
     max_outstanding_pings: int = 3
     embedded: bool = False
     """This node runs its own nats-server (single-machine deployments), listening on the
-    host and port of ``servers[0]``; the agent (or the hello-world launcher) starts it."""
+    host and port of ``servers[0]`` (port 0: a free one); the agent (or the hello-world
+    launcher) starts it with these credentials and TLS files, and refuses anyone else."""
+    monitor_port: int | None = None
+    """Embedded server only: its monitoring port (on 127.0.0.1; 0: a free one). Default: off."""
 
     def __post_init__(self) -> None:
         if not self.servers:
             raise ConfigError("at least one server URL is needed", key="nats.servers")
-        for url in self.servers:
-            if "://" not in url:
-                raise ConfigError(f"server URL {url!r} needs a scheme (nats://, tls://)", key="nats.servers")
+        servers, creds = _split_credentials(self.servers)
+        object.__setattr__(self, "servers", servers)
+        if creds is not None:
+            user, password, token = creds
+            if (user is not None and self.user is not None) or (token is not None and self.token is not None):
+                raise ConfigError("credentials are given both in a server URL and as keys", key="nats.servers")
+            if user is not None:
+                object.__setattr__(self, "user", user)
+                object.__setattr__(self, "password", password)
+            if token is not None:
+                object.__setattr__(self, "token", token)
         if (self.user is None) != (self.password is None):
             raise ConfigError("user and password go together", key="nats.user")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -50,6 +83,67 @@ class NatsConfig:
             raise ConfigError("must be positive", key="nats.ping_interval")
         if self.max_outstanding_pings < 1:
             raise ConfigError("must be at least 1", key="nats.max_outstanding_pings")
+        if self.monitor_port is not None:
+            if not self.embedded:
+                raise ConfigError("applies only to the embedded server (embedded = true)", key="nats.monitor_port")
+            if not 0 <= self.monitor_port <= 65535:
+                raise ConfigError("must be between 0 and 65535", key="nats.monitor_port")
+        if self.embedded:
+            if self.creds_file is not None:
+                raise ConfigError("a creds file needs a NATS server in operator (JWT) mode; the embedded server "
+                                  "takes user and password, or a token", key="nats.creds_file")
+            if self.user is not None and self.token is not None:
+                raise ConfigError("the embedded server takes user and password or a token, not both",
+                                  key="nats.token")
+
+    def redacted(self) -> NatsConfig:
+        """The same settings without the secrets (for digests and messages)."""
+        return replace(self, password="<set>" if self.password else None, token="<set>" if self.token else None)
+
+
+def _split_credentials(servers: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str | None, str | None, str | None] | None]:
+    """URLs without userinfo, and the (user, password, token) that one or more of them carried."""
+    clean: list[str] = []
+    found: set[tuple[str | None, str | None, str | None]] = set()
+    for url in servers:
+        if not isinstance(url, str) or "://" not in url:
+            raise ConfigError(f"server URL {url!r} needs a scheme (nats://, tls://)", key="nats.servers")
+        scheme, rest = url.split("://", 1)
+        netloc, slash, path = rest.partition("/")
+        if "@" in netloc:
+            userinfo, netloc = netloc.rsplit("@", 1)
+            name, colon, secret = userinfo.partition(":")
+            name, secret = unquote(name), unquote(secret)
+            found.add((name, secret, None) if colon else (None, None, name))
+        clean.append(f"{scheme}://{netloc}{slash}{path}")
+    if len(found) > 1:
+        raise ConfigError("server URLs carry different credentials", key="nats.servers")
+    return tuple(clean), (found.pop() if found else None)
+
+
+def read_secret_file(path: str, *, file: str | None, key: str) -> str:
+    """A password or token from its own file: read once, at load.
+
+    A file others can read is refused; a group-readable one (``root:tdist 0640``, the usual
+    way to hand a root-owned secret to the service user) is accepted with a warning.
+    """
+    try:
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as fh:
+            value = fh.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path!r}: {exc.strerror or exc}", file=file, key=key) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path!r} is not UTF-8 text", file=file, key=key) from None
+    if st.st_mode & 0o007:
+        raise ConfigError(f"{path!r} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                          f"chmod o-rwx it", file=file, key=key)
+    if st.st_mode & 0o070:
+        get_logger("tdist.config").warning("secret_file_group_readable", path=path, key=key,
+                                           mode=f"{stat.S_IMODE(st.st_mode):04o}")
+    if not value:
+        raise ConfigError(f"{path!r} is empty", file=file, key=key)
+    return value
 
 
 @dataclass(frozen=True)
@@ -145,6 +239,9 @@ class WorkerConfig:
             raise ConfigError("a worker needs at least one operator", key="operators")
         seen: set[tuple[str, int]] = set()
         for op in self.operators:
+            if op.name.startswith(RESERVED_PREFIX):
+                raise ConfigError(f"operator names beginning with {RESERVED_PREFIX!r} are reserved for tdist "
+                                  f"(the agent's canary calls {PING_OPERATOR!r}): {op.name!r}", key="operators")
             if (op.name, op.version) in seen:
                 raise ConfigError(f"operator {op.name} v{op.version} is listed twice", key="operators")
             seen.add((op.name, op.version))
@@ -247,13 +344,24 @@ def parse_nats(t: _Table) -> NatsConfig:
         servers = [servers]
     if servers is not None and not all(isinstance(s, str) for s in servers):
         raise ConfigError("must be a list of URLs", file=t.file, key=t.key("servers"))
+    password, token = t.get("password", str), t.get("token", str)
+    password_file, token_file = t.get("password_file", str), t.get("token_file", str)
+    for given, from_file, name in ((password, password_file, "password"), (token, token_file, "token")):
+        if given is not None and from_file is not None:
+            raise ConfigError(f"give {name} or {name}_file, not both", file=t.file, key=t.key(f"{name}_file"))
+    if password_file is not None:
+        password = read_secret_file(password_file, file=t.file, key=t.key("password_file"))
+    if token_file is not None:
+        token = read_secret_file(token_file, file=t.file, key=t.key("token_file"))
     return _build(
         NatsConfig,
         t,
         servers=tuple(servers) if servers is not None else None,
         user=t.get("user", str),
-        password=t.get("password", str),
-        token=t.get("token", str),
+        password=password,
+        token=token,
+        password_file=password_file,
+        token_file=token_file,
         creds_file=t.get("creds_file", str),
         tls_ca_file=t.get("tls_ca_file", str),
         tls_cert_file=t.get("tls_cert_file", str),
@@ -262,6 +370,7 @@ def parse_nats(t: _Table) -> NatsConfig:
         ping_interval=_num(t.get("ping_interval", (int, float))),
         max_outstanding_pings=t.get("max_outstanding_pings", int),
         embedded=t.get("embedded", bool),
+        monitor_port=t.get("monitor_port", int),
     )
 
 
@@ -367,12 +476,12 @@ def load_worker_file(path: str | Path, worker_name: str | None = None) -> Worker
         if not isinstance(entries[index], dict):
             raise ConfigError("must be a table", file=file, key=f"workers[{index}]")
         entry = dict(entries[index])
-        for agent_key in ("count", "gpus_per_instance"):
+        for agent_key in ("count", "gpus_per_instance", "canary"):  # tdist.agent.config.AGENT_WORKER_KEYS
             entry.pop(agent_key, None)
         worker = parse_worker(_Table(entry, file, f"workers[{index}]"), node_name)
     else:
         raise ConfigError("needs a [worker] table or a [[workers]] array", file=file, key="worker")
-    for agent_table in ("agent", "supervisor", "http", "gpus", "directories"):
+    for agent_table in ("agent", "supervisor", "http", "gpus", "directories", "canary"):
         root.data.pop(agent_table, None)
     root.done()
     return WorkerFile(nats=nats, request_plane=rp, logging=logging, worker=worker, data_plane=data_plane)

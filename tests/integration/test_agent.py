@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tdist.agent.processes import marked_pids
 from tdist.client import Client
 from tests.conftest import OPERATORS
 
@@ -178,6 +179,10 @@ async def test_agent_end_to_end(tmp_path: Path, nats_server, namespace: str, cli
         assert all(f.attempt == 1 for f in finals)
         assert await asyncio.to_thread(agent.proc.wait, 120) == 0
         assert await workers_of(client) == {}
+        # Nothing left: no process of this state dir, no PID file, no private NATS settings.
+        assert marked_pids(str(tmp_path / "state")) == []
+        assert not (tmp_path / "state" / "agent.pids").exists()
+        assert not (tmp_path / "state" / "nats-client.toml").exists()
     finally:
         agent.stop()
         kill_all(supervised_pids(tmp_path / "state") + leftovers)

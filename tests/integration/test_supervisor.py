@@ -277,7 +277,7 @@ def test_a_real_worker_runs_under_supervisord(node: Node, nats_server: Any, name
                                             logs=node.logs))
     config = load_agent_config(path)
     programs = plan_programs(config, [], directory=os.getcwd())
-    assert programs[0].stopwaitsecs == 17
+    assert programs[0].stopwaitsecs == 2 + 2 + 39 + 63 + 15  # drain 2 s: see supervisor_conf.worker_stop_budget
     node.conf.write_text(render(config.directories.state_dir, config.directories.log_dir, programs))
     node.supervisord = Supervisord(str(node.conf), config.directories.socket_path)
     node.supervisord.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 from pathlib import Path
 
@@ -250,7 +251,7 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 serverurl=unix:///run/tdist/supervisor.sock
 
 [program:embed-0]
-command=taskset -c 0-7 /py/bin/python -m tdist.worker.main --config {file} --worker embed --nats-url nats://10.0.0.1:4222 --worker-id gpu-7-embed-0 --log-file /logs/embed-0.log
+command=taskset -c 0-7 /py/bin/python -m tdist.worker.main --config {file} --worker embed --worker-id gpu-7-embed-0 --log-file /logs/embed-0.log
 directory=/srv
 environment=CUDA_VISIBLE_DEVICES="0,1",PYTHONUNBUFFERED="1",TDIST_CONFIG_DIGEST="{embed}"
 autostart=true
@@ -258,14 +259,14 @@ autorestart=true
 startsecs=1
 startretries=10
 stopsignal=TERM
-stopwaitsecs=36
+stopwaitsecs=148
 stopasgroup=true
 killasgroup=true
 redirect_stderr=true
 stdout_logfile=/logs/embed-0.out
 
 [program:embed-1]
-command=/py/bin/python -m tdist.worker.main --config {file} --worker embed --nats-url nats://10.0.0.1:4222 --worker-id gpu-7-embed-1 --log-file /logs/embed-1.log
+command=/py/bin/python -m tdist.worker.main --config {file} --worker embed --worker-id gpu-7-embed-1 --log-file /logs/embed-1.log
 directory=/srv
 environment=CUDA_VISIBLE_DEVICES="2,3",PYTHONUNBUFFERED="1",TDIST_CONFIG_DIGEST="{embed}"
 autostart=true
@@ -273,14 +274,14 @@ autorestart=true
 startsecs=1
 startretries=10
 stopsignal=TERM
-stopwaitsecs=36
+stopwaitsecs=148
 stopasgroup=true
 killasgroup=true
 redirect_stderr=true
 stdout_logfile=/logs/embed-1.out
 
 [program:tok-0]
-command=/py/bin/python -m tdist.worker.main --config {file} --worker tok --nats-url nats://10.0.0.1:4222 --worker-id gpu-7-tok-0 --log-file /logs/tok-0.log
+command=/py/bin/python -m tdist.worker.main --config {file} --worker tok --worker-id gpu-7-tok-0 --log-file /logs/tok-0.log
 directory=/srv
 environment=CUDA_VISIBLE_DEVICES="",PYTHONUNBUFFERED="1",TDIST_CONFIG_DIGEST="{tok}"
 autostart=true
@@ -288,7 +289,7 @@ autorestart=true
 startsecs=1
 startretries=10
 stopsignal=TERM
-stopwaitsecs=45
+stopwaitsecs=157
 stopasgroup=true
 killasgroup=true
 redirect_stderr=true
@@ -321,6 +322,33 @@ def test_config_digest_changes_with_what_the_worker_reads(tmp_path: Path) -> Non
     assert digests(SMALL.replace("count = 2", "count = 1")) == base  # count changes programs, not workers
     shared = digests(SMALL.replace("nats://10.0.0.1:4222", "nats://10.0.0.2:4222"))
     assert shared["embed"] != base["embed"] and shared["tok"] != base["tok"]
+
+
+def test_config_digest_hides_the_secrets(tmp_path: Path) -> None:
+    def digest(text: str) -> str:
+        config = load_text(tmp_path, text)
+        return config_digest(config, config.workers[0])
+
+    with_password = SMALL.replace("[nats]\n", '[nats]\nuser = "u"\npassword = "s3cret-one"\n')
+    other_password = with_password.replace("s3cret-one", "s3cret-two")
+    # Hashed in a secret-free form: the digest cannot be used to test guesses of the password.
+    assert digest(with_password) == digest(other_password) != digest(SMALL)
+    config = load_text(tmp_path, with_password)
+    assert "s3cret" not in repr(config) and "s3cret" not in repr(config.nats.redacted())
+
+
+def test_stop_budget_covers_the_worst_bounded_close(tmp_path: Path) -> None:
+    """drain + min(drain, 10) + 39 + 63 per operator (worker.py's bounded steps) + STOP_MARGIN."""
+    from tdist.agent.supervisor_conf import STOP_MARGIN, worker_stop_budget
+
+    config = load_text(tmp_path, SMALL)
+    embed, tok = config.workers
+    assert worker_stop_budget(embed) == math.ceil(20.5 + 10 + 39 + 63) + STOP_MARGIN
+    assert worker_stop_budget(tok) == 30 + 10 + 39 + 63 + STOP_MARGIN
+    two_ops = load_text(tmp_path, SMALL.replace('implementation = "mypkg.ops:Tok"\n',
+                                                'implementation = "mypkg.ops:Tok"\n\n[[workers.operators]]\n'
+                                                'name = "tok2"\nimplementation = "mypkg.ops:Tok"\n'))
+    assert worker_stop_budget(two_ops.workers[1]) == worker_stop_budget(tok) + 63
 
 
 def test_no_taskset_when_disabled(tmp_path: Path) -> None:

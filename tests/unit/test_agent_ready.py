@@ -19,6 +19,7 @@ def test_ready_only_after_registration() -> None:
     agent = Agent(str(ETC))
     agent.programs = agent._plan(agent.config, ())
     assert not agent.ready()  # nothing running yet
+    agent.services_up = lambda: True  # type: ignore[method-assign]  # supervisord and NATS up
     agent.status.states = {p.name: "RUNNING" for p in agent.programs}
     assert not agent.ready()  # running, but not registered
     agent.status.pids = {p.name: 100 + i for i, p in enumerate(agent.programs)}
@@ -30,6 +31,12 @@ def test_ready_only_after_registration() -> None:
     agent.status.entries[last.worker_id] = entry(last.worker_id, 100 + len(agent.programs) - 1)
     assert agent.ready()
     assert "tdist_agent_ready 1" in agent.metrics()
+    agent.status.unhealthy[last.name] = 100 + len(agent.programs) - 1
+    assert not agent.ready()  # it fails the canary
+    del agent.status.unhealthy[last.name]
+    agent.services_up = lambda: False  # type: ignore[method-assign]
+    assert not agent.ready()  # supervisord died, or NATS is gone
+    agent.services_up = lambda: True  # type: ignore[method-assign]
     agent.status.states[agent.programs[0].name] = "BACKOFF"
     assert not agent.ready()
 

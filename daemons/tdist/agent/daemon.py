@@ -1,14 +1,41 @@
 """The per-node agent: turns agent.toml into running workers and keeps them running.
 
-Startup: validate the file, make the directories, start the embedded nats-server if
-the file asks for one, replace a supervisord left behind by an agent that was killed
-(so there is never a second set of workers), render supervisord.conf, start
-supervisord as our child, register the node, serve HTTP (/live, /ready, /metrics).
+Start-up, in this order, so that whatever can fail does so before anything is started
+(one line on stderr, exit 1):
 
-Then every second: read the workers' states from supervisord; a worker that left
-RUNNING has its registry entry deleted at once (not after its TTL); heartbeat the node.
-SIGHUP: re-read the file; an invalid one is logged and the running set stays; a valid
-one is re-rendered and applied (only changed programs restart). SIGTERM: supervisord
+1. ``prepare``: the state dir is made (or tightened to) 0700; ``agent.lock`` is taken (a second
+   agent on the same state dir refuses to start); whatever an earlier agent of this state dir
+   left running (supervisord, workers, Triton servers, nats-server) is stopped, found by the
+   PIDs it recorded (checked against /proc start times) and by the state dir's marker in
+   their environment (``tdist.agent.processes``); the HTTP port is bound and the embedded
+   server's client and monitoring ports are checked.
+2. ``start``: the embedded nats-server (if ``[nats] embedded``), then a NATS connection. While
+   NATS is unreachable the agent keeps retrying (backoff up to 15 s) with ``/live`` answering
+   and ``/ready`` 503, and starts no worker. Then supervisord, with the workers.
+
+Every child (supervisord, nats-server, and through supervisord every worker) is started with
+a parent-death signal, so nothing outlives the agent, even a SIGKILLed one.
+
+Then every second (``_tick``): supervisord's process states; a worker whose process changed has
+its registry entry deleted at once (not after its TTL); the node's heartbeat. Worker entries
+come from a registry watch (no listing). The canary (``_canary_loop``) sends each serving worker
+a directed request every ``[canary] period`` (the built-in ``_ping`` unless the worker names
+one of its operators); ``failures`` failures in a row mark the worker unhealthy (``/ready`` 503,
+its registry entry's state ``unhealthy``) and the agent SIGKILLs it through supervisord, which
+starts it again.
+
+**supervisord dying** is seen on the next tick (``/ready`` is 503 at once: it checks the
+process, not the last tick). The agent restarts it: the workers, which die with supervisord
+(parent-death signal), are made sure to be gone (the same leftover sweep as at start-up),
+their registry entries are deleted, and supervisord starts again with one set of workers.
+If supervisord dies ``SUPERVISORD_MAX_DEATHS`` times within ``SUPERVISORD_DEATH_WINDOW``
+seconds, the agent stops everything and exits 1, and systemd (``Restart=on-failure``) starts
+it afresh.
+
+SIGHUP (``reload``, in a task: ticks, the canary and HTTP go on meanwhile): the file is read
+again; an invalid one is logged and counted and the running set stays; a valid one is applied
+with ``aupdate`` (changed groups stopped without any RPC that waits; see supervisor_rpc).
+An apply that fails is logged and counted; the agent keeps running. SIGTERM: supervisord
 stops the workers (each drains within its budget), the node deregisters, exit 0.
 """
 
@@ -16,32 +43,64 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import os
 import shutil
 import socket
+import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
+import numpy as np
 from nats.aio.client import Client as NatsClient
 
 from tdist import __version__
-from tdist.agent.config import AgentConfig, load_agent_config
+from tdist.agent.config import AgentConfig, AgentWorkerConfig, load_agent_config
 from tdist.agent.gpus import GpuInfo, describe_gpus, detect_gpus
-from tdist.agent.supervisor_conf import Program, plan_programs, render
-from tdist.agent.supervisor_rpc import SupervisorClient, Supervisord
+from tdist.agent.notify import notify
+from tdist.agent.processes import (
+    AgentStartError,
+    PidFile,
+    StateLock,
+    die_with_parent,
+    marker_env,
+    stop_leftovers,
+)
+from tdist.agent.supervisor_conf import Program, plan_programs, render, worker_command
+from tdist.agent.supervisor_rpc import Supervisord
+from tdist.client import Client
+from tdist.config import NatsConfig
 from tdist.errors import ConfigError, TdistError
 from tdist.logs import get_logger
 from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
-from tdist.registry import WorkerInfo, open_bucket, put_with_ttl
+from tdist.registry import RegistryWatch, WorkerInfo, open_bucket, put_with_ttl
+from tdist.request_plane.deploy import ensure_namespace
 from tdist.request_plane import subjects
-from tdist.request_plane.connection import close_connection, connect
+
 
 log = get_logger("tdist.agent")
 
 TICK = 1.0
+TICK_TIMEOUT = 15.0
+"""A tick that takes longer (supervisord or NATS stuck) is abandoned and logged."""
 NODE_TTL = 10.0
+RPC_TIMEOUT = 10.0
+"""No RPC of the agent waits on a worker (stops poll), so each answers in well under this."""
+SUPERVISORD_MAX_DEATHS = 3
+SUPERVISORD_DEATH_WINDOW = 300.0
+CONNECT_BACKOFF_MAX = 15.0
+NATS_CLIENT_FILE = "nats-client.toml"
+NATS_RUN_DIR = "nats.run"
+
+
+class AgentFatal(TdistError):
+    """The agent cannot go on (supervisord keeps dying): it stops everything and exits 1."""
+
+    code = "AGENT_FATAL"
 
 
 @dataclass
@@ -52,13 +111,25 @@ class AgentStatus:
     """supervisord program name -> state name."""
     pids: dict[str, int] = field(default_factory=dict)
     """supervisord program name -> the PID of its current process (0: none)."""
-    registered: set[str] = field(default_factory=set)
-    """Worker ids currently in the registry."""
     entries: dict[str, WorkerInfo] = field(default_factory=dict)
     """This node's workers' registry entries (their request counters, in-flight, bytes moved)."""
+    registered_pid: dict[str, int] = field(default_factory=dict)
+    """program -> the PID whose registry entry was seen (the canary pings only those)."""
+    canary_failures: dict[str, int] = field(default_factory=dict)
+    unhealthy: dict[str, int] = field(default_factory=dict)
+    """program -> the PID the canary found unhealthy (cleared when the process changes)."""
     restarts: int = 0
     reloads: int = 0
     reload_failures: int = 0
+    """Reloads refused (invalid file) or whose apply failed."""
+    reload_apply_failures: int = 0
+    supervisord_restarts: int = 0
+    canary_sent: int = 0
+    canary_failed: int = 0
+    canary_restarts: int = 0
+    nats_error: str | None = None
+    stream_mismatch: list[str] = field(default_factory=list)
+    """Storage or replicas of the namespace's stream that differ from the configuration (kept)."""
 
 
 class Agent:
@@ -73,10 +144,21 @@ class Agent:
         self.nats_server: EmbeddedNatsServer | None = None
         self.supervisord: Supervisord | None = None
         self.nc: NatsClient | None = None
+        self.client: Client | None = None
+        self.watch: RegistryWatch | None = None
         self.http: asyncio.AbstractServer | None = None
         self.http_port = 0
+        self.nats: NatsConfig = self.config.nats
+        """The [nats] settings workers and the agent use: servers[0] with the embedded server's real port."""
         self.started_at = time.time()
-        self._kv: tuple[Any, Any] | None = None
+        self._nodes_kv: Any = None
+        state = self.config.directories.state_dir
+        self._lock = StateLock(state)
+        self._pids = PidFile(state)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._canary_task: asyncio.Task[None] | None = None
+        self._reload_task: asyncio.Task[None] | None = None
+        self._deaths: deque[float] = deque()
 
     def _load(self) -> AgentConfig:
         """The file, with the command line's overrides (kept on every reload)."""
@@ -87,39 +169,163 @@ class Agent:
             cfg = dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, port=self._http_port))
         return cfg
 
+    @property
+    def state_dir(self) -> str:
+        return os.path.abspath(self.config.directories.state_dir)
+
+    @property
+    def nats_file(self) -> str:
+        return os.path.join(self.state_dir, NATS_CLIENT_FILE)
+
     # -- lifecycle ------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def prepare(self) -> None:
+        """Everything that can fail fast, before anything is started (AgentStartError, ConfigError)."""
         cfg = self.config
-        os.makedirs(cfg.directories.state_dir, mode=0o700, exist_ok=True)
+        _private_dir(self.state_dir)
         os.makedirs(cfg.directories.log_dir, exist_ok=True)
+        self._lock.acquire()
+        await asyncio.to_thread(stop_leftovers, self.state_dir, self._pids)
+        self._pids.remove()
+        for leftover in (cfg.directories.socket_path, self.nats_file):
+            _unlink(leftover)
+        shutil.rmtree(os.path.join(self.state_dir, NATS_RUN_DIR), ignore_errors=True)
         self.gpus = self._gpus(cfg)
+        self.programs = self._plan(cfg, self.gpus)
         if cfg.nats.embedded:
             host, port = _host_port(cfg.nats.servers[0])
-            self.nats_server = EmbeddedNatsServer(NatsServerOptions(
-                host=host, port=port, store_dir=os.path.join(cfg.directories.state_dir, "nats"),
-                log_file=os.path.join(cfg.directories.log_dir, "nats-server.log")))
-            await asyncio.to_thread(self.nats_server.start)
-            log.info("nats_started", url=self.nats_server.url, pid=self.nats_server.pid)
-        await asyncio.to_thread(_replace_stale_supervisord, cfg.directories.socket_path)
-        self.programs = self._plan(cfg, self.gpus)
-        conf = self._write_conf(cfg, self.programs)
-        self.supervisord = Supervisord(conf, cfg.directories.socket_path)
-        await self.supervisord.astart()
-        self.nc = await connect(cfg.nats, name=f"tdist-agent {cfg.node.name}")
-        self.http = await asyncio.start_server(self._serve_http, cfg.http.host, cfg.http.port)
+            _check_port(host, port, "nats.servers", "the embedded nats-server")
+            if cfg.nats.monitor_port:
+                _check_port("127.0.0.1", cfg.nats.monitor_port, "nats.monitor_port", "its monitoring")
+        try:
+            self.http = await asyncio.start_server(self._serve_http, cfg.http.host, cfg.http.port)
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise AgentStartError(f"http: cannot listen on {cfg.http.host}:{cfg.http.port}: {reason}") from None
         self.http_port = self.http.sockets[0].getsockname()[1]
+
+    async def start(self, stop: asyncio.Event) -> bool:
+        """The embedded nats-server, the NATS connection (retried until it works or ``stop``),
+        then supervisord and the workers. False if ``stop`` came first."""
+        cfg = self.config
+        if cfg.nats.embedded:
+            await self._start_nats_server()
+        self._write_nats_file()
+        if not await self._connect(stop):
+            return False
+        await self._start_supervisord()
+        if cfg.canary.period > 0:
+            self._canary_task = asyncio.get_running_loop().create_task(self._canary_loop())
         log.info("agent_started", node=cfg.node.name, workers=[p.name for p in self.programs],
-                 http=f"{cfg.http.host}:{self.http_port}", gpus=[g.index for g in self.gpus])
+                 http=f"{cfg.http.host}:{self.http_port}", nats=self.nats.servers[0], gpus=[g.index for g in self.gpus])
+        return True
+
+    async def _start_nats_server(self) -> None:
+        cfg = self.config
+        host, port = _host_port(cfg.nats.servers[0])
+        n = cfg.nats
+        self.nats_server = EmbeddedNatsServer(NatsServerOptions(
+            host=host, port=port, monitor_port=n.monitor_port,
+            store_dir=os.path.join(self.state_dir, "nats"),
+            log_file=os.path.join(cfg.directories.log_dir, "nats-server.log"),
+            user=n.user, password=n.password, token=n.token,
+            tls_cert_file=n.tls_cert_file, tls_key_file=n.tls_key_file,
+            work_dir=os.path.join(self.state_dir, NATS_RUN_DIR),
+            command_prefix=die_with_parent(), env=tuple(marker_env(self.state_dir).items()),
+        ))
+        self.nats_server.spawn()  # from this (the main) thread: the parent-death signal follows the thread
+        self._pids.set("nats-server", self.nats_server.pid)
+        await asyncio.to_thread(self.nats_server.wait_ready)
+        scheme = "tls" if n.tls_cert_file else "nats"
+        self.nats = dataclasses.replace(n, servers=(f"{scheme}://{_url_host(host)}:{self.nats_server.port}",
+                                                    *n.servers[1:]))
+        log.info("nats_started", url=self.nats.servers[0], pid=self.nats_server.pid,
+                 monitoring=self.nats_server.monitor_url or "off")
+
+    def _write_nats_file(self) -> None:
+        """``[nats]`` for the workers (servers with real ports, credentials): 0600, never in argv."""
+        n = self.nats
+        lines = ["[nats]", f"servers = {json.dumps(list(n.servers))}", f"connect_timeout = {n.connect_timeout}"]
+        lines += [f"ping_interval = {n.ping_interval}", f"max_outstanding_pings = {n.max_outstanding_pings}"]
+        for key in ("user", "password", "token", "creds_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
+            value = getattr(n, key)
+            if value is not None:
+                lines.append(f"{key} = {json.dumps(value)}")
+        _write_private(self.nats_file, "\n".join(lines) + "\n")
+
+    async def _connect(self, stop: asyncio.Event) -> bool:
+        """Connect the agent (node heartbeat) and its Client (canary, registry watch); while NATS
+        is unreachable, retry with backoff and start nothing."""
+        delay = 1.0
+        name = f"tdist-agent {self.config.node.name}"
+        while not stop.is_set():
+            attempt = asyncio.ensure_future(self._connect_once(name))
+            waiter = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({attempt, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if not attempt.done():
+                attempt.cancel()
+                await asyncio.gather(attempt, return_exceptions=True)
+                await self._disconnect()
+                return False
+            exc = attempt.exception()
+            if exc is None:
+                self.status.nats_error = None
+                return True
+            await self._disconnect()
+            self.status.nats_error = str(exc)
+            log.warning("nats_unreachable", error=str(exc), retry_in=delay)
+            try:
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, CONNECT_BACKOFF_MAX)
+        return False
+
+    async def _connect_once(self, name: str) -> None:
+        """One connection (the Client's runtime) for the node heartbeat, the canary and the watch.
+        The agent deploys its namespace first: the stream and buckets, with the configured
+        storage, replicas and limits (a caller never creates them)."""
+        self.client = Client(self.nats, request_plane=self.config.request_plane, name=name)
+        await self.client.connect()
+        self.nc = self.client.runtime.nc
+        kept = await ensure_namespace(self.nc, self.config.request_plane)
+        if kept:
+            self.status.stream_mismatch = kept
+        js, ns = self.nc.jetstream(), self.config.request_plane.namespace
+        self._nodes_kv = await open_bucket(js, subjects.nodes_bucket(ns), replicas=self.config.request_plane.replicas)
+        self.watch = (await self.client.registry()).watch()
+        await self.watch.__aenter__()
+
+    async def _disconnect(self) -> None:
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            await _quietly(watch.close())
+        self.nc = None  # the client's connection: closed with it
+        client, self.client = self.client, None
+        if client is not None:
+            await _quietly(client.close(wait_for_release=0))
+
+    async def _start_supervisord(self) -> None:
+        cfg = self.config
+        conf = self._write_conf(cfg, self.programs)
+        self.supervisord = Supervisord(conf, cfg.directories.socket_path, rpc_timeout=RPC_TIMEOUT,
+                                       command_prefix=die_with_parent(), env=marker_env(self.state_dir))
+        await self.supervisord.astart()
+        self._pids.set("supervisord", self.supervisord.pid)
 
     async def run(self, stop: asyncio.Event, reload: asyncio.Event) -> None:
-        """Watch until ``stop``; apply the file again whenever ``reload`` is set."""
+        """Watch until ``stop``; apply the file again whenever ``reload`` is set (one reload at a time)."""
         while not stop.is_set():
-            if reload.is_set():
+            if reload.is_set() and (self._reload_task is None or self._reload_task.done()):
                 reload.clear()
-                await self.reload()
+                self._reload_task = asyncio.get_running_loop().create_task(self.reload())
             try:
-                await self._tick()
+                async with asyncio.timeout(TICK_TIMEOUT):
+                    await self._tick()
+            except AgentFatal:
+                raise
             except Exception as exc:  # a passing failure (NATS reconnecting): log, keep watching
                 log.warning("agent_tick_failed", error=f"{type(exc).__name__}: {exc}")
             try:
@@ -129,28 +335,52 @@ class Agent:
                 pass
 
     async def stop(self) -> None:
-        """Drain the workers (supervisord sends SIGTERM and waits), deregister, stop."""
+        """Drain the workers (supervisord sends SIGTERM and waits), deregister, stop, clean up.
+
+        An agent that did not get the state dir's lock started nothing and owns nothing there:
+        it only closes its HTTP socket (the state dir's processes are another agent's)."""
+        if not self._lock.held:
+            if self.http is not None:
+                self.http.close()
+            return
+        for task in (self._canary_task, self._reload_task):
+            if task is not None:
+                task.cancel()
+        await _quietly(asyncio.gather(*(t for t in (self._canary_task, self._reload_task) if t),
+                                      return_exceptions=True))
         budget = max((p.stopwaitsecs for p in self.programs), default=30) + 30
         if self.supervisord is not None:
             await self.supervisord.astop(timeout=budget)
-        if self.nc is not None:
+        if self.nc is not None and self.nc.is_connected:
             try:
-                nodes_kv, workers_kv = await self._buckets()
-                await nodes_kv.delete(self.config.node.name)
-                for program in self.programs:
-                    await workers_kv.delete(program.worker_id)
+                async with asyncio.timeout(5):
+                    await self._nodes_kv.delete(self.config.node.name)
+                    for program in self.programs:
+                        await self._workers_kv_delete(program.worker_id)
             except Exception as exc:
                 log.warning("agent_deregister_failed", error=str(exc))
-            await close_connection(self.nc)
+        await self._disconnect()
         if self.http is not None:
             self.http.close()
-            await self.http.wait_closed()
+            await _quietly(self.http.wait_closed())
         if self.nats_server is not None:
             await asyncio.to_thread(self.nats_server.stop)
+        # Anything of ours still running (a worker that escaped supervisord's stop): gone now.
+        await asyncio.to_thread(stop_leftovers, self.state_dir, self._pids)
+        self._pids.remove()
+        _unlink(self.nats_file)
+        self._lock.release()
         log.info("agent_stopped", node=self.config.node.name)
 
     async def reload(self) -> None:
-        """Re-read the file; apply it only if it is valid (the running set stays otherwise)."""
+        """Re-read the file; apply it only if it is valid (the running set stays otherwise).
+        Never raises: failures are logged and counted."""
+        try:
+            await self._reload()
+        finally:
+            notify("READY=1")  # ends systemd's RELOADING=1 (sent by the SIGHUP handler)
+
+    async def _reload(self) -> None:
         try:
             cfg = self._load()
             if (cfg.nats, cfg.directories, cfg.http, cfg.node.name) != (
@@ -164,10 +394,22 @@ class Agent:
             self.status.reload_failures += 1
             log.error("reload_rejected", error=str(exc))
             return
-        self._write_conf(cfg, programs)
-        assert self.supervisord is not None
-        diff = await self.supervisord.client.aupdate()
-        self.config, self.programs, self.gpus = cfg, programs, gpus
+        except Exception as exc:
+            self.status.reload_failures += 1
+            log.error("reload_rejected", error=f"{type(exc).__name__}: {exc}")
+            return
+        try:
+            self._write_conf(cfg, programs)
+            # From here the file is the desired state, even if applying it fails half-way.
+            self.config, self.programs, self.gpus = cfg, programs, gpus
+            assert self.supervisord is not None
+            stop_timeout = max((p.stopwaitsecs for p in programs), default=30) + 30
+            diff = await self.supervisord.client.aupdate(stop_timeout=stop_timeout)
+        except Exception as exc:
+            self.status.reload_failures += 1
+            self.status.reload_apply_failures += 1
+            log.error("reload_apply_failed", error=f"{type(exc).__name__}: {exc}")
+            return
         self.status.reloads += 1
         log.info("reloaded", added=diff.added, changed=diff.changed, removed=diff.removed)
 
@@ -181,79 +423,187 @@ class Agent:
 
     def _plan(self, cfg: AgentConfig, gpus: tuple[GpuInfo, ...]) -> tuple[Program, ...]:
         return plan_programs(cfg, gpus, taskset="taskset" if shutil.which("taskset") else None,
-                             directory=os.getcwd())
+                             directory=os.getcwd(), command=worker_command(sys.executable, self.nats_file),
+                             prefix=die_with_parent())
 
     @staticmethod
     def _write_conf(cfg: AgentConfig, programs: tuple[Program, ...]) -> str:
-        path = os.path.join(cfg.directories.state_dir, "supervisord.conf")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write(render(cfg.directories.state_dir, cfg.directories.log_dir, programs))
-        os.replace(tmp, path)
+        path = os.path.join(os.path.abspath(cfg.directories.state_dir), "supervisord.conf")
+        _write_private(path, render(cfg.directories.state_dir, cfg.directories.log_dir, programs))
         return path
 
     async def _tick(self) -> None:
-        assert self.supervisord is not None and self.nc is not None
-        infos = await self.supervisord.client.acall("supervisor.getAllProcessInfo")
+        sd = self.supervisord
+        if sd is None or self.nc is None:
+            return
+        if not sd.alive:
+            await self._supervisord_died()
+            return
+        infos = await sd.client.acall("supervisor.getAllProcessInfo")
         states = {i["name"]: i["statename"] for i in infos}
         pids = {i["name"]: int(i.get("pid") or 0) for i in infos}
-        ns = self.config.request_plane.namespace
-        js = self.nc.jetstream()
-        _, workers_kv = await self._buckets()
-        self.status.registered = set(await _keys(workers_kv))
-        entries = await self._entries(workers_kv)
+        seen = self.watch.workers if self.watch is not None else {}
+        entries = {p.worker_id: seen[p.worker_id] for p in self.programs if p.worker_id in seen}
         for program in self.programs:
             before = self.status.pids.get(program.name, 0)
             now = pids.get(program.name, 0)
-            if before and now != before:
-                self.status.restarts += 1
-                log.warning("worker_process_gone", program=program.name, worker=program.worker_id,
-                            old_pid=before, new_pid=now or None, state=states.get(program.name))
-            stale = entries.get(program.worker_id)
-            if stale is not None and stale.pid != now:
+            if now != before:
+                self.status.canary_failures.pop(program.name, None)
+                self.status.registered_pid.pop(program.name, None)
+                if before:
+                    self.status.restarts += 1
+                    log.warning("worker_process_gone", program=program.name, worker=program.worker_id,
+                                old_pid=before, new_pid=now or None, state=states.get(program.name))
+            if self.status.unhealthy.get(program.name, now) != now:
+                self.status.unhealthy.pop(program.name)
+            entry = entries.get(program.worker_id)
+            if entry is not None and entry.pid != now:
                 # The entry of a process that is gone: remove it now, not after its TTL. The new
                 # process (same worker id) registers itself when it serves.
-                await workers_kv.delete(program.worker_id)
+                await self._workers_kv_delete(program.worker_id)
                 entries.pop(program.worker_id)
-                self.status.registered.discard(program.worker_id)
+            elif entry is not None and now:
+                self.status.registered_pid[program.name] = now
         self.status.states, self.status.pids, self.status.entries = states, pids, entries
+        for program in self.programs:
+            self._pids.set(f"worker:{program.name}", pids.get(program.name))
+        self._pids.keep_only(["nats-server", "supervisord", *(f"worker:{p.name}" for p in self.programs)])
+        await self._heartbeat(states)
+
+    async def _heartbeat(self, states: dict[str, str]) -> None:
+        assert self.nc is not None
         node = {
             "name": self.config.node.name, "host": socket.gethostname(), "agent_version": __version__,
             "pid": os.getpid(), "started_at": self.started_at, "http": f"{self.config.http.host}:{self.http_port}",
             "gpus": [asdict(g) for g in self.gpus], "ready": self.ready(),
             "workers": {p.worker_id: states.get(p.name, "UNKNOWN") for p in self.programs},
+            "unhealthy": sorted(self.status.unhealthy),
         }
-        await put_with_ttl(js, subjects.nodes_bucket(ns), self.config.node.name, json.dumps(node).encode(), NODE_TTL)
+        ns = self.config.request_plane.namespace
+        await put_with_ttl(self.nc.jetstream(), subjects.nodes_bucket(ns), self.config.node.name,
+                           json.dumps(node).encode(), NODE_TTL)
 
-    async def _buckets(self) -> tuple[Any, Any]:
-        """The nodes and workers buckets, opened once (the namespace cannot change without a restart)."""
-        if self._kv is None:
-            assert self.nc is not None
-            js, ns = self.nc.jetstream(), self.config.request_plane.namespace
-            self._kv = (await open_bucket(js, subjects.nodes_bucket(ns)), await open_bucket(js, subjects.workers_bucket(ns)))
-        return self._kv
+    async def _workers_kv_delete(self, worker_id: str) -> None:
+        assert self.client is not None
+        await (await self.client.registry()).delete(worker_id)
 
-    async def _entries(self, kv: Any) -> dict[str, WorkerInfo]:
-        out = {}
+    async def _supervisord_died(self) -> None:
+        """supervisord is gone: make sure its workers are gone too, then start it again (or give up)."""
+        sd = self.supervisord
+        assert sd is not None and sd.proc is not None
+        code = sd.proc.returncode
+        now = time.monotonic()
+        self._deaths.append(now)
+        while self._deaths and now - self._deaths[0] > SUPERVISORD_DEATH_WINDOW:
+            self._deaths.popleft()
+        self.status.states, self.status.entries = {}, {}
+        self.status.registered_pid.clear()
+        self.status.canary_failures.clear()
+        if len(self._deaths) >= SUPERVISORD_MAX_DEATHS:
+            log.error("supervisord_died", code=code, restarting=False, deaths=len(self._deaths))
+            raise AgentFatal(f"supervisord died {len(self._deaths)} times within {SUPERVISORD_DEATH_WINDOW:.0f} s "
+                             f"(last exit {code}): stopping so that the service manager starts the agent afresh")
+        log.error("supervisord_died", code=code, restarting=True)
+        keep = [self.nats_server.pid] if self.nats_server is not None and self.nats_server.pid else []
+        stopped = await asyncio.to_thread(stop_leftovers, self.state_dir, self._pids, exclude=keep)
         for program in self.programs:
-            if program.worker_id not in self.status.registered:
-                continue
             try:
-                entry = await kv.get(program.worker_id)
-                if entry.value:
-                    out[program.worker_id] = WorkerInfo.from_json(entry.value)
-            except Exception:  # deleted meanwhile
+                await self._workers_kv_delete(program.worker_id)
+            except Exception as exc:
+                log.warning("worker_deregister_failed", worker=program.worker_id, error=str(exc))
+        _unlink(self.config.directories.socket_path)
+        self.status.pids = {}
+        await self._start_supervisord()
+        self.status.supervisord_restarts += 1
+        log.warning("supervisord_restarted", pid=self.supervisord.pid if self.supervisord else None,
+                    orphans_stopped=stopped)
+
+    # -- canary -------------------------------------------------------------------
+
+    async def _canary_loop(self) -> None:
+        """Every period, one directed request to each serving worker, all at once."""
+        period = self.config.canary.period
+        while True:
+            await asyncio.sleep(period)
+            targets = [p for p in self.programs if self._canary_target(p)]
+            if not targets:
                 continue
-        return out
+            results = await asyncio.gather(*(self._canary_one(p) for p in targets), return_exceptions=True)
+            for program, result in zip(targets, results, strict=True):
+                await self._canary_result(program, result)
+
+    def _canary_target(self, program: Program) -> bool:
+        pid = self.status.pids.get(program.name, 0)
+        return (bool(pid) and self.status.states.get(program.name) == "RUNNING"
+                and self.status.registered_pid.get(program.name) == pid and program.name not in self.status.unhealthy)
+
+    async def _canary_one(self, program: Program) -> None:
+        assert self.client is not None
+        call = self._worker_config(program).canary
+        timeout = self.config.canary.timeout
+        inputs = {k: np.asarray(v) for k, v in call.inputs.items()}
+        self.status.canary_sent += 1
+        async with asyncio.timeout(timeout + 1.0):
+            await self.client.operator(call.operator, call.version, target_worker=program.worker_id).infer(
+                inputs, parameters=dict(call.parameters), timeout=timeout)
+
+    async def _canary_result(self, program: Program, result: BaseException | None) -> None:
+        pid = self.status.pids.get(program.name, 0)
+        if result is None:
+            self.status.canary_failures.pop(program.name, None)
+            return
+        self.status.canary_failed += 1
+        failures = self.status.canary_failures.get(program.name, 0) + 1
+        self.status.canary_failures[program.name] = failures
+        error = f"{type(result).__name__}: {result}"
+        log.warning("canary_failed", program=program.name, worker=program.worker_id, pid=pid, failures=failures,
+                    error=error)
+        if failures < self.config.canary.failures:
+            return
+        self.status.unhealthy[program.name] = pid
+        self.status.canary_failures.pop(program.name, None)
+        self.status.canary_restarts += 1
+        log.error("worker_unhealthy", program=program.name, worker=program.worker_id, pid=pid, failures=failures,
+                  action="restart")
+        await _quietly(self._mark_unhealthy(program))
+        sd = self.supervisord
+        if sd is not None and sd.alive:
+            # SIGKILL: the worker does not answer, so it would not drain either (a stopped process does
+            # not even see SIGTERM). Its unacknowledged requests go to other workers; supervisord
+            # starts it again (autorestart).
+            try:
+                await sd.client.acall("supervisor.signalProcess", program.name, "KILL")
+            except Exception as exc:
+                log.warning("worker_restart_failed", program=program.name, error=str(exc))
+
+    async def _mark_unhealthy(self, program: Program) -> None:
+        entry = self.status.entries.get(program.worker_id)
+        if entry is None or self.nc is None:
+            return
+        marked = dataclasses.replace(entry, state="unhealthy")
+        ns = self.config.request_plane.namespace
+        await put_with_ttl(self.nc.jetstream(), subjects.workers_bucket(ns), program.worker_id, marked.to_json(),
+                           entry.ttl)
+
+    def _worker_config(self, program: Program) -> AgentWorkerConfig:
+        return next(w for w in self.config.workers if w.name == program.worker)
+
+    # -- state ------------------------------------------------------------------
+
+    def services_up(self) -> bool:
+        """supervisord runs (checked now, not at the last tick) and NATS is connected."""
+        return (self.supervisord is not None and self.supervisord.alive
+                and self.nc is not None and self.nc.is_connected)
 
     def ready(self) -> bool:
-        """Every desired worker RUNNING under supervisord and registered by that very process."""
-        return bool(self.programs) and all(self._up(p) for p in self.programs)
+        """supervisord and NATS up, and every desired worker RUNNING, registered by that very
+        process, and answering the canary."""
+        return self.services_up() and bool(self.programs) and all(self._up(p) for p in self.programs)
 
     def _up(self, program: Program) -> bool:
         entry = self.status.entries.get(program.worker_id)
         return (self.status.states.get(program.name) == "RUNNING" and entry is not None
-                and entry.pid == self.status.pids.get(program.name))
+                and entry.pid == self.status.pids.get(program.name) and program.name not in self.status.unhealthy)
 
     def metrics(self) -> str:
         lines = [
@@ -264,7 +614,7 @@ class Agent:
         for state in self.status.states.values():
             counts[state] = counts.get(state, 0) + 1
         lines += [f'tdist_agent_workers{{state="{s}"}} {n}' for s, n in sorted(counts.items())]
-        lines += ["# HELP tdist_agent_worker_up 1 if the worker is RUNNING and registered.",
+        lines += ["# HELP tdist_agent_worker_up 1 if the worker is RUNNING, registered and answers the canary.",
                   "# TYPE tdist_agent_worker_up gauge"]
         for p in self.programs:
             up = int(self._up(p))
@@ -282,15 +632,33 @@ class Agent:
         for name, kind, doc, value in per_worker:  # from the workers' registry entries (heartbeat-fresh)
             lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
             lines += [f'{name}{{worker="{wid}"}} {value(w)}' for wid, w in sorted(self.status.entries.items())]
+        s = self.status
+        counters = [
+            ("tdist_agent_worker_restarts_total", s.restarts),
+            ("tdist_agent_reloads_total", s.reloads),
+            ("tdist_agent_reload_failures_total", s.reload_failures),
+            ("tdist_agent_reload_apply_failures_total", s.reload_apply_failures),
+            ("tdist_agent_supervisord_restarts_total", s.supervisord_restarts),
+            ("tdist_agent_canary_requests_total", s.canary_sent),
+            ("tdist_agent_canary_failures_total", s.canary_failed),
+            ("tdist_agent_canary_restarts_total", s.canary_restarts),
+        ]
+        for name, value in counters:
+            lines += [f"# TYPE {name} counter", f"{name} {value}"]
         lines += [
-            "# TYPE tdist_agent_worker_restarts_total counter", f"tdist_agent_worker_restarts_total {self.status.restarts}",
-            "# TYPE tdist_agent_reloads_total counter", f"tdist_agent_reloads_total {self.status.reloads}",
-            "# TYPE tdist_agent_reload_failures_total counter",
-            f"tdist_agent_reload_failures_total {self.status.reload_failures}",
             "# TYPE tdist_agent_ready gauge", f"tdist_agent_ready {int(self.ready())}",
             "# TYPE tdist_agent_uptime_seconds gauge", f"tdist_agent_uptime_seconds {time.time() - self.started_at:.1f}",
         ]
         return "\n".join(lines) + "\n"
+
+    def ready_body(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready(), "workers": self.status.states, "nats": self.nats.servers[0],
+            "nats_connected": bool(self.nc is not None and self.nc.is_connected), "nats_error": self.status.nats_error,
+            "stream_mismatch": self.status.stream_mismatch,
+            "supervisord": bool(self.supervisord is not None and self.supervisord.alive),
+            "unhealthy": sorted(self.status.unhealthy),
+        }
 
     async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -302,9 +670,9 @@ class Agent:
             if path == "/live":
                 code, body, ctype = 200, "live\n", "text/plain"
             elif path == "/ready":
-                ready = self.ready()
-                code, ctype = (200 if ready else 503), "application/json"
-                body = json.dumps({"ready": ready, "workers": self.status.states}) + "\n"
+                info = self.ready_body()
+                code, ctype = (200 if info["ready"] else 503), "application/json"
+                body = json.dumps(info) + "\n"
             elif path == "/metrics":
                 code, body, ctype = 200, self.metrics(), "text/plain; version=0.0.4"
             else:
@@ -329,48 +697,55 @@ async def _first(*events: asyncio.Event) -> None:
             w.cancel()
 
 
-async def _keys(kv: Any) -> list[str]:
+async def _quietly(aw: Any, timeout: float = 10.0) -> None:
     try:
-        return list(await kv.keys())
-    except Exception:  # nats-py raises NoKeysError on an empty bucket
-        return []
+        async with asyncio.timeout(timeout):
+            await aw
+    except Exception as exc:
+        log.warning("agent_step_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def _host_port(url: str) -> tuple[str, int]:
-    from urllib.parse import urlparse
-
     where = urlparse(url)
-    return where.hostname or "127.0.0.1", where.port or 4222
+    return where.hostname or "127.0.0.1", (where.port if where.port is not None else 4222)
 
 
-def _replace_stale_supervisord(socket_path: str) -> None:
-    """A supervisord from an agent that was killed still runs its workers: shut it down first."""
-    if not os.path.exists(socket_path):
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _check_port(host: str, port: int, key: str, what: str) -> None:
+    """Fail at once, in one line, if ``host:port`` cannot be listened on (0: any port, nothing to check)."""
+    if not port:
         return
-    client = SupervisorClient(socket_path, timeout=10)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server's listener does
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror or exc}"
+            raise AgentStartError(f"{key}: {host}:{port} {reason} ({what} listens there)") from None
+
+
+def _private_dir(path: str) -> None:
+    """Make ``path`` (0700), or tighten it to 0700 whoever made it (systemd's StateDirectory= is 0755)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _write_private(path: str, text: str) -> None:
+    """Write ``path`` atomically, mode 0600 from its creation on."""
+    tmp = f"{path}.tmp"
+    _unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _unlink(path: str) -> None:
     try:
-        client.get_state()
-    except Exception:
-        os.unlink(socket_path)  # nobody answers: a leftover file
-        return
-    log.warning("replacing_stale_supervisord", socket=socket_path)
-    pids = [i["pid"] for i in client.all_process_info() if i.get("pid")]
-    try:
-        client.shutdown()
-    except Exception:
+        os.unlink(path)
+    except FileNotFoundError:
         pass
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (os.path.exists(socket_path) or any(_alive(p) for p in pids)):
-        time.sleep(0.1)
-    if os.path.exists(socket_path):
-        os.unlink(socket_path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True

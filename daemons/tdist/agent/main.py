@@ -4,21 +4,31 @@
     tdist-agent check-config FILE                     # validate only: exit 0, or 1 naming file, key, reason
 
 SIGHUP re-reads the file (an invalid one is logged and the running set stays);
-SIGTERM or SIGINT drains the workers and exits 0.
+SIGTERM or SIGINT drains the workers and exits 0. A start-up failure (a port in use,
+another agent on the state dir, a bad file) is one line on stderr and exit 1, with
+nothing started. SIGHUP is blocked from this module's first line until its handler is
+installed (a pending one is then delivered as a reload), so an early reload cannot kill the
+agent; under systemd (``Type=notify``) reloads wait for ``READY=1`` anyway.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import signal
-import sys
-from collections.abc import Sequence
 
-from tdist import logs
-from tdist.agent.config import load_agent_config
-from tdist.agent.daemon import Agent
-from tdist.errors import ConfigError, TdistError
+# First instruction: SIGHUP must not kill the agent before its handler is installed (``run``
+# unblocks it then). Children are spawned only after that, so none inherits the mask.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from tdist import logs  # noqa: E402
+from tdist.agent.config import load_agent_config  # noqa: E402
+from tdist.agent.daemon import Agent  # noqa: E402
+from tdist.agent.notify import notify  # noqa: E402
+from tdist.errors import ConfigError, TdistError  # noqa: E402
 
 log = logs.get_logger("tdist.agent.main")
 DEFAULT_CONFIG = "/etc/tdist/agent.toml"
@@ -40,13 +50,26 @@ async def run(config_path: str, nats_url: str | None = None, http_port: int | No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload.set)
+
+    def on_hup() -> None:
+        notify("RELOADING=1")
+        reload.set()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     agent = Agent(config_path, nats_url=nats_url, http_port=http_port)
     try:
-        await agent.start()
-        print(f"tdist-agent: serving, http on port {agent.http_port}", flush=True)
-        await agent.run(stop, reload)
+        await agent.prepare()
+        # The first line on stdout (launchers and tests read it): HTTP answers from now on.
+        print(f"tdist-agent: starting, http on port {agent.http_port}", flush=True)
+        # Ready for systemd = handlers installed and /live answering; whether the workers serve is
+        # /ready's business (NATS may be unreachable for a while, which must not fail the unit's start).
+        notify(f"READY=1\nSTATUS=starting: NATS, then {len(agent.programs)} workers")
+        if await agent.start(stop):
+            notify(f"STATUS=serving: {len(agent.programs)} workers")
+            await agent.run(stop, reload)
     finally:
+        notify("STOPPING=1")
         await agent.stop()
     return 0
 
@@ -61,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tdist-agent", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG)
-    parser.add_argument("--nats-url", help="replaces [nats] servers (the embedded server listens there)")
+    parser.add_argument("--nats-url", help="replaces [nats] servers (the embedded server listens there; port 0: "
+                                           "a free one)")
     parser.add_argument("--http-port", type=int, help="replaces [http] port (0: a free one)")
     opts = parser.parse_args(args)
     try:
@@ -73,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(run(opts.config, opts.nats_url, opts.http_port))
     except TdistError as exc:
-        log.error("agent_failed", error=str(exc), code=exc.code)
-        print(f"tdist-agent: {exc}", file=sys.stderr)
+        log.error("agent_failed", error=exc.message, code=exc.code)
+        print(f"tdist-agent: {exc.message}", file=sys.stderr)
         return 1
 
 

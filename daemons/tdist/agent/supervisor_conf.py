@@ -23,7 +23,23 @@ from tdist.agent.config import AgentConfig, AgentWorkerConfig
 from tdist.agent.gpus import GpuInfo, assign_gpus, cpus_for
 
 STOP_MARGIN = 15
-"""Seconds supervisord waits beyond a worker's drain_timeout before SIGKILL."""
+"""Seconds on top of a worker's bounded stop (below) for what is not bounded step by step:
+stopping the pullers and the last registry write at the start of the drain, and the
+interpreter's exit."""
+
+# The bounded steps of a worker's stop (tdist/worker/worker.py, ``drain`` then
+# ``_close_resources``), in seconds, as the worker's code bounds them today:
+#   drain: drain_timeout (in-flight requests finish, then are cancelled and NAKed)
+#   maintenance tasks 3 + each puller 3 x (operators + 1 directed) + deregister 3 + tasks 3
+#   + each operator's close 60 x operators + caller close 3
+#   + data plane close (min(drain_timeout, 10) for consumers to release, + 15)
+#   + NATS close 3 x 3
+# = drain_timeout + min(drain_timeout, 10) + 39 + 63 x operators.
+# One operator with the default drain_timeout of 30 s: 30 + 10 + 39 + 63 = 142 s, and
+# stopwaitsecs = 142 + STOP_MARGIN = 157 s. Keep these in step with worker.py.
+_CLOSE_FIXED = 3 + 3 + 3 + 3 + 15 + 3 * 3 + 3  # maintenance, directed puller, deregister, tasks, data plane, nats, caller
+_CLOSE_PER_OPERATOR = 3 + 60  # its puller, its close
+_RELEASE_WAIT_MAX = 10.0
 START_RETRIES = 10
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOKEN = re.compile(r"[^A-Za-z0-9_-]+")
@@ -61,21 +77,38 @@ def worker_id(node: str, worker: str, instance: int) -> str:
     return f"{token[: max(1, 64 - len(suffix))]}{suffix}"
 
 
+def worker_stop_budget(worker: AgentWorkerConfig) -> int:
+    """Seconds a worker may take to stop on SIGTERM when every bounded step takes its whole
+    bound (see the sum above), plus STOP_MARGIN: supervisord's ``stopwaitsecs``."""
+    drain = worker.worker.drain_timeout
+    close = min(drain, _RELEASE_WAIT_MAX) + _CLOSE_FIXED + _CLOSE_PER_OPERATOR * len(worker.worker.operators)
+    return math.ceil(drain + close) + STOP_MARGIN
+
+
 def config_digest(config: AgentConfig, worker: AgentWorkerConfig) -> str:
     """A digest of everything a worker process reads from the file. It goes into the program's
     environment (``TDIST_CONFIG_DIGEST``) so that supervisord's reload sees an edited worker as
-    changed (and restarts it) although its command line, which names only the file, is the same."""
-    text = repr((worker.worker, config.nats, config.request_plane, config.data_plane, config.logging))
+    changed (and restarts it) although its command line, which names only the file, is the same.
+
+    It hashes a secret-free form: ``[nats]`` with the password and token replaced by a marker
+    (``NatsConfig.redacted``), so the digest, which sits in supervisord.conf and in the worker's
+    environment, reveals nothing of them. Nothing is lost: ``[nats]`` changes only with an
+    agent restart, which restarts every worker anyway."""
+    text = repr((worker.worker, config.nats.redacted(), config.request_plane, config.data_plane, config.logging))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def worker_command(python: str) -> CommandFactory:
-    """The real worker: ``python -m tdist.worker.main --config FILE --worker NAME ...``."""
+def worker_command(python: str, nats_file: str | None = None) -> CommandFactory:
+    """The real worker: ``python -m tdist.worker.main --config FILE --worker NAME ...``.
+
+    ``nats_file``: a 0600 file with the ``[nats]`` settings the worker must use (the servers
+    with their real ports, the credentials), written by the agent; no URL or secret is ever
+    on the command line."""
 
     def build(config: AgentConfig, worker: AgentWorkerConfig, instance: int, wid: str, log_file: str) -> list[str]:
         argv = [python, "-m", "tdist.worker.main", "--config", config.file, "--worker", worker.name]
-        for url in config.nats.servers:
-            argv += ["--nats-url", url]
+        if nats_file is not None:
+            argv += ["--nats-file", nats_file]
         return argv + ["--worker-id", wid, "--log-file", log_file]
 
     return build
@@ -90,10 +123,12 @@ def plan_programs(
     taskset: str | None = "taskset",
     directory: str | None = None,
     extra_env: Sequence[tuple[str, str]] = (),
+    prefix: Sequence[str] = (),
 ) -> tuple[Program, ...]:
     """One Program per instance, GPUs given out in order (ConfigError when there are too few).
 
     ``taskset``: the executable to pin an instance to its GPUs' NUMA CPUs (None: no pinning).
+    ``prefix``: put before every command (the agent's parent-death wrapper).
     """
     config.check_gpus([g.index for g in gpus])
     by_index = {g.index: g for g in gpus}
@@ -109,6 +144,7 @@ def plan_programs(
         cpus = cpus_for([by_index[g] for g in block])
         if cpus and taskset:
             argv = [taskset, "-c", cpus, *argv]
+        argv = [*prefix, *argv]
         env = (
             ("CUDA_VISIBLE_DEVICES", ",".join(map(str, block))),
             ("PYTHONUNBUFFERED", "1"),
@@ -126,7 +162,7 @@ def plan_programs(
                 gpus=block,
                 cpus=cpus,
                 stdout_logfile=os.path.join(log_dir, f"{name}.out"),
-                stopwaitsecs=math.ceil(w.worker.drain_timeout) + STOP_MARGIN,
+                stopwaitsecs=worker_stop_budget(w),
                 directory=directory,
             )
         )

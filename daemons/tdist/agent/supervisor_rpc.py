@@ -34,6 +34,7 @@ STILL_RUNNING = 91
 SHUTDOWN_STATE = 6
 
 RUNNING_STATES = ("STARTING", "RUNNING", "BACKOFF")
+STOPPING_STATES = ("STARTING", "RUNNING", "BACKOFF", "STOPPING")
 
 
 class SupervisorError(TdistError):
@@ -140,19 +141,23 @@ class SupervisorClient:
         return self.call("supervisor.shutdown")
 
     def update(self) -> ReloadDiff:
-        """``supervisorctl update``: re-read the file, stop and drop removed and changed groups,
-        add changed and new ones (autostart starts them). Unchanged programs keep running."""
+        """``supervisorctl update`` (blocking): re-read the file, stop and drop removed and changed
+        groups, add changed and new ones (autostart starts them). Unchanged programs keep running.
+        Tests and tools only: the agent uses ``aupdate``, which never blocks an RPC on a stop."""
         diff = self.reload_config()
         for name in (*diff.removed, *diff.changed):
             self._stop_group(name)
             self.remove_process_group(name)
+        self._add_groups(diff)
+        return diff
+
+    def _add_groups(self, diff: ReloadDiff) -> None:
         for name in (*diff.changed, *diff.added):
             try:
                 self.add_process_group(name)
             except SupervisorError as exc:
                 if exc.details.get("fault") != ALREADY_ADDED:
                     raise
-        return diff
 
     def _stop_group(self, name: str) -> None:
         try:
@@ -160,6 +165,43 @@ class SupervisorClient:
         except SupervisorError as exc:
             if exc.details.get("fault") != BAD_NAME:
                 raise
+
+    def group_stopped(self, name: str) -> bool:
+        """True once no process of group ``name`` runs (or the group is gone)."""
+        return not any(i["group"] == name and i["statename"] in STOPPING_STATES for i in self.all_process_info())
+
+    async def astop_group(self, name: str, timeout: float, poll: float = 0.2) -> None:
+        """Stop a group without an RPC that waits: ``stopProcessGroup(wait=False)``, then poll
+        its state (each call returns at once) for up to ``timeout`` s. supervisord SIGKILLs a
+        program after its ``stopwaitsecs``, so ``timeout`` above that always suffices; past it,
+        SupervisorError."""
+        try:
+            await self.acall("supervisor.stopProcessGroup", name, False)
+        except SupervisorError as exc:
+            if exc.details.get("fault") == BAD_NAME:
+                return
+            if exc.details.get("fault") != NOT_RUNNING:
+                raise
+        deadline = time.monotonic() + timeout
+        while not await asyncio.to_thread(self.group_stopped, name):
+            if time.monotonic() > deadline:
+                raise SupervisorError(f"group {name} did not stop within {timeout:.0f} s", group=name)
+            await asyncio.sleep(poll)
+
+    async def aupdate(self, stop_timeout: float = 180.0) -> ReloadDiff:
+        """``update`` without blocking RPCs: each changed or removed group is stopped with
+        ``astop_group`` (a worker may take its whole stopwaitsecs to drain, longer than any
+        RPC timeout), then removed; then changed and new groups are added."""
+        diff = await self.areload_config()
+        for name in (*diff.removed, *diff.changed):
+            await self.astop_group(name, stop_timeout)
+            try:
+                await self.acall("supervisor.removeProcessGroup", name)
+            except SupervisorError as exc:
+                if exc.details.get("fault") != BAD_NAME:
+                    raise
+        await asyncio.to_thread(self._add_groups, diff)
+        return diff
 
     # --- coroutine versions ----------------------------------------------------------------
 
@@ -178,9 +220,6 @@ class SupervisorClient:
     async def areload_config(self) -> ReloadDiff:
         return await asyncio.to_thread(self.reload_config)
 
-    async def aupdate(self) -> ReloadDiff:
-        return await asyncio.to_thread(self.update)
-
 
 def _alive(pid: int) -> bool:
     try:
@@ -193,7 +232,12 @@ def _alive(pid: int) -> bool:
 
 
 class Supervisord:
-    """supervisord as a child process (its own session), driven through ``client``."""
+    """supervisord as a child process (its own session), driven through ``client``.
+
+    ``start()`` is ``spawn()`` (the fork: from the thread that should be its parent, which
+    matters for a parent-death signal) then ``wait_answering()``; ``astart`` does the fork in
+    the calling (event-loop) thread and only the waiting in a worker thread.
+    """
 
     def __init__(
         self,
@@ -203,6 +247,8 @@ class Supervisord:
         python: str = sys.executable,
         output_path: str | None = None,
         rpc_timeout: float = 30.0,
+        command_prefix: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.conf_path = conf_path
         self.socket_path = socket_path
@@ -210,24 +256,39 @@ class Supervisord:
         self.output_path = output_path or os.path.join(os.path.dirname(os.path.abspath(conf_path)),
                                                        "supervisord.out")
         self.client = SupervisorClient(socket_path, timeout=rpc_timeout)
+        self.command_prefix = tuple(command_prefix)
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    @property
+    def alive(self) -> bool:
+        """False as soon as the process has exited (checked now, not at the last tick)."""
+        return self.proc is not None and self.proc.poll() is None
+
     def start(self, timeout: float = 20.0) -> None:
         """Start supervisord and return once its RPC answers RUNNING."""
+        self.spawn()
+        self.wait_answering(timeout)
+
+    def spawn(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             raise SupervisorError("supervisord is already running", pid=self.proc.pid)
         if os.path.exists(self.socket_path) and self._answers():
             raise SupervisorError("another supervisord answers on the socket", socket=self.socket_path)
+        env = {**os.environ, **self.env} if self.env else None
         with open(self.output_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [self.python, "-m", "supervisor.supervisord", "-c", self.conf_path],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                [*self.command_prefix, self.python, "-m", "supervisor.supervisord", "-c", self.conf_path],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
             )
         log.info("supervisord_started", pid=self.proc.pid, conf=self.conf_path)
+
+    def wait_answering(self, timeout: float = 20.0) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while True:
             code = self.proc.poll()
@@ -295,7 +356,8 @@ class Supervisord:
                         pass
 
     async def astart(self, timeout: float = 20.0) -> None:
-        await asyncio.to_thread(self.start, timeout)
+        self.spawn()
+        await asyncio.to_thread(self.wait_answering, timeout)
 
     async def astop(self, timeout: float = 60.0) -> int | None:
         return await asyncio.to_thread(self.stop, timeout)

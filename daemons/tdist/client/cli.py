@@ -10,6 +10,10 @@ the request parameters ``input_copies`` and ``delay``. Answers of ``encoder_deco
 called the same way, their answers unchecked. Prints the conditions, the counts, the wall time,
 ``Throughput: X requests/s`` and latency percentiles (``--json``: one JSON object, last line).
 
+Credentials: ``--user`` with ``--password-file FILE`` (or ``--token-file``, ``--creds``), or the
+environment: ``TDIST_NATS_URL``, ``TDIST_NATS_USER``, ``TDIST_NATS_PASSWORD``, ``TDIST_NATS_TOKEN``,
+``TDIST_NATS_CREDS``; flags win. ``--password``/``--token`` work too but show in the process list.
+
 Exit codes: 0 every request answered correctly; 1 errors, wrong answers or requests left
 unanswered; 2 a configuration error (bad flags).
 """
@@ -36,7 +40,7 @@ from tqdm import tqdm
 
 from tdist import logs
 from tdist.client import Client
-from tdist.config import NatsConfig, RequestPlaneConfig
+from tdist.config import NatsConfig, RequestPlaneConfig, read_secret_file
 from tdist.errors import ConfigError, TdistError
 from tdist.progress import Progress
 from tdist.registry import WorkerInfo
@@ -103,10 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="NATS server URL (repeatable; default nats://127.0.0.1:4222)")
     conn.add_argument("--namespace", default=RequestPlaneConfig().namespace,
                       help="tdist namespace (default %(default)s)")
-    conn.add_argument("--user")
-    conn.add_argument("--password")
-    conn.add_argument("--token")
-    conn.add_argument("--creds", metavar="FILE", help="NATS credentials file")
+    conn.add_argument("--user", help="NATS user (or $TDIST_NATS_USER)")
+    conn.add_argument("--password", help="NATS password: visible to every local user in the process list; prefer "
+                                         "--password-file or $TDIST_NATS_PASSWORD")
+    conn.add_argument("--password-file", metavar="FILE", help="read the NATS password from FILE")
+    conn.add_argument("--token", help="NATS token: visible in the process list; prefer --token-file or "
+                                      "$TDIST_NATS_TOKEN")
+    conn.add_argument("--token-file", metavar="FILE", help="read the NATS token from FILE")
+    conn.add_argument("--creds", metavar="FILE", help="NATS credentials file (or $TDIST_NATS_CREDS)")
     conn.add_argument("--tls-ca", metavar="FILE")
     conn.add_argument("--tls-cert", metavar="FILE")
     conn.add_argument("--tls-key", metavar="FILE")
@@ -131,21 +139,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def nats_config(args: argparse.Namespace) -> NatsConfig:
-    for flag, path in (("--creds", args.creds), ("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
+ENV_URL, ENV_USER, ENV_PASSWORD, ENV_TOKEN, ENV_CREDS = (
+    "TDIST_NATS_URL", "TDIST_NATS_USER", "TDIST_NATS_PASSWORD", "TDIST_NATS_TOKEN", "TDIST_NATS_CREDS")
+
+
+def nats_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> NatsConfig:
+    """The connection settings: flags first, then the environment (``TDIST_NATS_URL`` (comma-separated),
+    ``TDIST_NATS_USER``, ``TDIST_NATS_PASSWORD``, ``TDIST_NATS_TOKEN``, ``TDIST_NATS_CREDS``), then defaults.
+    ``--password-file``/``--token-file`` keep secrets out of the process list."""
+    env = os.environ if environ is None else environ
+    creds = args.creds if args.creds is not None else env.get(ENV_CREDS) or None
+    for flag, path in (("--creds", creds), ("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
                        ("--tls-key", args.tls_key)):
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"file {path!r} not found", key=flag)
+    password = _secret(args.password, args.password_file, "--password", env.get(ENV_PASSWORD))
+    token = _secret(args.token, args.token_file, "--token", env.get(ENV_TOKEN))
+    if args.nats_url:
+        servers = tuple(args.nats_url)
+    elif env.get(ENV_URL):
+        servers = tuple(u.strip() for u in env[ENV_URL].split(",") if u.strip())
+    else:
+        servers = NatsConfig().servers
+    user = args.user if args.user is not None else env.get(ENV_USER) or None
     try:
         return NatsConfig(
-            servers=tuple(args.nats_url) if args.nats_url else NatsConfig().servers,
-            user=args.user, password=args.password, token=args.token, creds_file=args.creds,
+            servers=servers, user=user, password=password, token=token, creds_file=creds,
             tls_ca_file=args.tls_ca, tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
         )
     except ConfigError as exc:  # name the flags, not the TOML keys
         flags = {"nats.servers": "--nats-url", "nats.user": "--user/--password",
                  "nats.tls_cert_file": "--tls-cert/--tls-key"}
         raise ConfigError(exc.message.split(": ", 1)[-1], key=flags.get(exc.key or "", exc.key)) from None
+
+
+def _secret(flag_value: str | None, file: str | None, flag: str, env_value: str | None) -> str | None:
+    if flag_value is not None and file is not None:
+        raise ConfigError(f"give {flag} or {flag}-file, not both", key=f"{flag}-file")
+    if file is not None:
+        return read_secret_file(file, file=None, key=f"{flag}-file")
+    if flag_value is not None:
+        return flag_value
+    return env_value or None
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -17,3 +17,12 @@ class Echo(Operator):
         if delay > 0:
             await asyncio.sleep(delay)
         return request.inputs
+
+
+class Ping(Operator):
+    """The agent's canary (``_ping`` v1, hosted by every worker on its directed subject only):
+    answers its inputs at once. It runs on the worker's request path (pull, decode, respond,
+    acknowledge), so an answer shows that path works, which a live PID does not."""
+
+    async def execute(self, request: Request) -> Mapping[str, Any]:
+        return request.inputs

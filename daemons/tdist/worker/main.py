@@ -28,7 +28,10 @@ from tdist.config import (
     RequestPlaneConfig,
     WorkerConfig,
     WorkerFile,
+    _Table,
     load_worker_file,
+    parse_nats,
+    read_toml,
 )
 from tdist.errors import ConfigError, TdistError
 from tdist.worker.worker import Worker
@@ -71,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with [nats], [request_plane], [logging] and [worker] or [[workers]]")
     p.add_argument("--worker", help="with [[workers]]: which worker of the file to run")
     p.add_argument("--nats-url", action="append", help="NATS server URL (repeatable); overrides the file")
+    p.add_argument("--nats-file", help="a TOML file whose [nats] table replaces the config's (the agent writes one, "
+                                       "mode 0600: the servers and credentials stay out of argv)")
     p.add_argument("--namespace", help="namespace; overrides the file")
     p.add_argument("--name", help="worker name (flags mode)")
     p.add_argument("--operator", action="append", default=[], help="operator spec (flags mode, repeatable)")
@@ -101,8 +106,11 @@ def resolve(args: argparse.Namespace) -> WorkerFile:
             raise ConfigError("without --config, give --name and at least one --operator", key="--name")
         worker = WorkerConfig(name=args.name, operators=tuple(parse_operator_flag(o) for o in args.operator))
         wf = WorkerFile(nats=NatsConfig(), request_plane=RequestPlaneConfig(), logging=LoggingConfig(), worker=worker)
+    nats = wf.nats
+    if args.nats_file:
+        nats = parse_nats(_Table(read_toml(args.nats_file), args.nats_file, "").table("nats"))
     return WorkerFile(
-        nats=_override(wf.nats, servers=tuple(args.nats_url) if args.nats_url else None),
+        nats=_override(nats, servers=tuple(args.nats_url) if args.nats_url else None),
         request_plane=_override(wf.request_plane, namespace=args.namespace, ack_wait=args.ack_wait,
                                 max_deliver=args.max_deliver),
         logging=_override(wf.logging, level=args.log_level, file=args.log_file),

@@ -39,7 +39,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from tdist.client import CallLink, RemoteOperator
-from tdist.config import DataPlaneConfig, NatsConfig, OperatorConfig, RequestPlaneConfig, WorkerConfig
+from tdist.config import PING_OPERATOR, DataPlaneConfig, NatsConfig, OperatorConfig, RequestPlaneConfig, WorkerConfig
 from tdist.data_plane.descriptor import TensorRef
 from tdist.data_plane.plane import needs_reference
 from tdist.errors import (
@@ -53,6 +53,7 @@ from tdist.errors import (
 from tdist import metrics
 from tdist.logs import get_logger
 from tdist.operators import Operator, Request, load_operator_class
+from tdist.operators.builtin import Ping
 from tdist.registry import OperatorInfo, Registry, WorkerInfo
 from tdist.request_plane import protocol, streams, subjects
 from tdist.request_plane.puller import Puller
@@ -209,6 +210,9 @@ class Worker:
         """Requests whose operator ignored their deadline."""
         self.handed_back = 0
         """Messages delivered beyond an operator's slots, handed back to the queue."""
+        # The agent's canary: answered on the directed subject only, through the same path as any request.
+        self._ping = OperatorRunner(self, OperatorConfig(PING_OPERATOR, "tdist.operators.builtin:Ping", max_inflight=2),
+                                    Ping(PING_OPERATOR, 1, {}))
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -491,7 +495,8 @@ class Worker:
         runner = None
         if len(tokens) == 6:
             try:
-                runner = self.runners.get((tokens[3], int(tokens[4])))
+                key = (tokens[3], int(tokens[4]))
+                runner = self.runners.get(key) or (self._ping if key == self._ping.key else None)
             except ValueError:
                 runner = None
         if runner is None:
@@ -725,7 +730,7 @@ class Worker:
         run = time.monotonic() - held.started if held.started else 0.0
         if held.started:
             runner.m_run.observe(run)
-        if self.request_log:
+        if self.request_log and runner is not self._ping:
             queue = held.queue_seconds
             log.info("request", worker=self.id, attempt=held.attempt, outcome=outcome,
                      queue_ms=None if queue is None else round(queue * 1e3, 3), run_ms=round(run * 1e3, 3),
