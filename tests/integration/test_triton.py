@@ -34,6 +34,7 @@ from tdist.errors import (
 )
 from tdist.triton import CONTROL_HEADER, TritonServer, find_triton
 from tdist.triton.server import (
+    _PARENT_CHECK,
     _pid_alive,
     cleanup_stale,
     _stub_pids,
@@ -451,6 +452,17 @@ def test_start_forks_no_handlers_beside_live_grpc_threads() -> None:
     assert "fork()" not in done.stderr, done.stderr[-3000:]
 
 
+def test_parent_check_runs_the_server_only_under_its_parent() -> None:
+    """The shell step after ``setpriv --pdeathsig``: a parent that died before the prctl would never
+    signal the server, so the command runs only if the expected parent is still the parent."""
+    ours = subprocess.run(["/bin/sh", "-c", _PARENT_CHECK, "tdist-triton", str(os.getpid()), "/bin/echo", "ran"],
+                          capture_output=True, text=True, timeout=30)
+    assert (ours.returncode, ours.stdout) == (0, "ran\n")
+    orphan = subprocess.run(["/bin/sh", "-c", _PARENT_CHECK, "tdist-triton", "1", "/bin/echo", "ran"],
+                            capture_output=True, text=True, timeout=30)
+    assert orphan.returncode == 111 and orphan.stdout == "" and "died before" in orphan.stderr
+
+
 @pytest.fixture
 def fresh_triton() -> Iterator[TritonServer]:
     """A server of its own (this test loads and unloads models)."""
@@ -541,6 +553,11 @@ async def test_control_api_needs_the_key(fresh_triton: TritonServer, protocol: s
     with open(f"/proc/{server.pid}/cmdline", "rb") as f:
         assert key.encode() not in f.read()
     assert server.log_path is not None and key not in server.log_path.read_text(errors="replace")
+    stubs = _stub_pids(server._prefix)
+    assert stubs
+    for pid in stubs:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert key.encode() not in f.read()
 
 
 async def test_a_new_key_at_every_start(tmp_path: Path) -> None:
