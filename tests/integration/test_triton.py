@@ -626,6 +626,11 @@ def _no_remote(*args: object, **kwargs: object) -> None:
     raise AssertionError("the Triton operator calls no other operator")
 
 
+def test_a_bad_parent_death_mode_is_refused() -> None:
+    with pytest.raises(TritonError, match="parent_death must be one of"):
+        TritonServer(model_repository=str(REPO), parent_death="prctl")
+
+
 def test_exports_exist() -> None:
     import tdist.triton as package
 
