@@ -463,6 +463,43 @@ def test_parent_check_runs_the_server_only_under_its_parent() -> None:
     assert orphan.returncode == 111 and orphan.stdout == "" and "died before" in orphan.stderr
 
 
+def test_an_orphaned_server_is_swept_at_the_next_start() -> None:
+    """A server whose owner died while no guard held it (here: its watchdog is SIGKILLed first, as
+    when the owner dies in the instant between the server's spawn and its watchdog's) is killed,
+    with its stubs, by the next start's sweep (``cleanup_stale``)."""
+    script = textwrap.dedent(
+        f"""
+        import json, os, signal
+        from tdist.triton import TritonServer
+        server = TritonServer(model_repository={str(REPO)!r}, parent_death="watchdog")
+        server.start()
+        server.load_model("encoder")
+        os.kill(server._watchdog.pid, signal.SIGKILL)
+        server._watchdog.wait()
+        print(json.dumps({{"pid": server.pid, "prefix": server._prefix, "workdir": str(server._workdir)}}), flush=True)
+        os._exit(0)  # no cleanup: the server is an orphan now
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    pid, prefix = info["pid"], info["prefix"]
+    try:
+        assert _alive(pid) and _stub_pids(prefix)  # nothing killed it
+        assert cleanup_stale() >= 2  # the server and its stub
+        deadline = time.monotonic() + 60  # a bound for the test, not an assertion on speed
+        while (_alive(pid) or _stub_pids(prefix)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid) and not _stub_pids(prefix)
+        cleanup_stale()  # the shared memory and scratch dir, now that nothing uses them
+        assert not [e for e in os.listdir("/dev/shm") if e.startswith(prefix)]
+        assert not os.path.exists(info["workdir"])
+    finally:
+        for stray in ([pid] if _alive(pid) else []) + _stub_pids(prefix):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stray, signal.SIGKILL)
+
+
 @pytest.fixture
 def fresh_triton() -> Iterator[TritonServer]:
     """A server of its own (this test loads and unloads models)."""

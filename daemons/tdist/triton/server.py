@@ -1070,13 +1070,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 def cleanup_stale() -> int:
-    """Remove what servers of SIGKILLed parents left: python-backend stubs whose command line names
-    a ``tdist_triton_<pid>_`` region (the parent-death guard kills Triton, not its stubs, which
-    then live on as orphans), scratch dirs ``<tmp>/tdist-triton-<pid>-*`` and python-backend shared
+    """Remove what servers of SIGKILLed parents left: tritonserver processes and python-backend
+    stubs whose command line names a ``tdist_triton_<pid>_`` region (the parent-death guard kills
+    Triton, not its stubs, which then live on as orphans; and a server whose parent died in the
+    instant between its spawn and its watchdog's), scratch dirs ``<tmp>/tdist-triton-<pid>-*`` and python-backend shared
     memory ``/dev/shm/tdist_triton_<pid>_*``, each only when ``<pid>`` is gone. Runs at every
     start; returns how many stubs and entries it removed."""
     removed = 0
-    for pid in _stub_pids("tdist_triton_", orphans_only=True):
+    for pid in _orphan_server_pids() + _stub_pids("tdist_triton_", orphans_only=True):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
             removed += 1
@@ -1101,6 +1102,34 @@ def cleanup_stale() -> int:
             except OSError:
                 pass
     return removed
+
+
+def _orphan_server_pids() -> list[int]:
+    """PIDs of tritonserver processes started by a ``TritonServer`` whose owner process is gone
+    (recognised by the ``shm-region-prefix-name=tdist_triton_<owner pid>_`` option we give them)."""
+    pids: list[int] = []
+    marker = b"--backend-config=python,shm-region-prefix-name=tdist_triton_"
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return pids
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0].endswith(b"/tritonserver"):
+            continue
+        for arg in argv[1:]:
+            if arg.startswith(marker):
+                owner = arg[len(marker):].split(b"_", 1)[0]
+                if owner.isdigit() and int(owner) != os.getpid() and not _pid_alive(int(owner)):
+                    pids.append(int(entry))
+                break
+    return pids
 
 
 def _stub_pids(prefix: str, orphans_only: bool = False) -> list[int]:
