@@ -32,10 +32,13 @@ from tdist.errors import (
     TritonModelNotReady,
     error_from_code,
 )
-from tdist.triton import TritonServer, find_triton
+from tdist.triton import CONTROL_HEADER, TritonServer, find_triton
 from tdist.triton.server import (
+    _PARENT_CHECK,
     _pid_alive,
+    cleanup_stale,
     _stub_pids,
+    setpriv_with_pdeathsig,
     default_stub_site,
     ensure_stub_site,
     merge_config,
@@ -221,6 +224,13 @@ def test_error_mapping_and_wire_codes() -> None:
     for (status, message), cls in cases.items():
         mapped = map_triton_error(InferenceServerException(message, status=status), "x")
         assert type(mapped) is cls, (status, message, mapped)
+    # Triton 2.51's refusals of a restricted API without the key (gRPC, HTTP): not "unavailable"
+    for status, message in (
+        ("StatusCode.UNAVAILABLE", "This protocol is restricted, expecting header 'triton-grpc-protocol-k'"),
+        ("403", "This API is restricted, expecting header 'k'"),
+    ):
+        mapped = map_triton_error(InferenceServerException(message, status=status), "x")
+        assert type(mapped) is TritonError and mapped.details["reason"] == "restricted", mapped
     # the new codes travel in error responses like the others
     err = error_from_code(TritonModelNotReady.code, "m", {"model": "x"})
     assert type(err) is TritonModelNotReady and isinstance(err, TritonError) and isinstance(err, TdistError)
@@ -308,15 +318,20 @@ async def test_overrides_sigkill_detection_and_restart(tmp_path: Path) -> None:
     assert not [e for e in os.listdir("/dev/shm") if e.startswith(new_prefix)]
 
 
-def test_triton_dies_with_its_parent() -> None:
-    """The parent is SIGKILLed: PR_SET_PDEATHSIG kills tritonserver too (no orphan keeps the ports)."""
+@pytest.mark.parametrize("guard", ["setpriv", "watchdog"])
+def test_triton_dies_with_its_parent(guard: str) -> None:
+    """The parent is SIGKILLed: tritonserver dies too (no orphan keeps the ports), with either
+    guard (setpriv's PR_SET_PDEATHSIG, or the pipe watchdog used where setpriv is missing)."""
+    if guard == "setpriv" and setpriv_with_pdeathsig() is None:
+        pytest.skip("util-linux setpriv with --pdeathsig is not installed")
     script = textwrap.dedent(
         f"""
         import json, sys, time
         from tdist.triton import TritonServer
-        server = TritonServer(model_repository={str(REPO)!r})
+        server = TritonServer(model_repository={str(REPO)!r}, parent_death={guard!r})
         server.start()
         server.load_model("encoder")
+        assert server.parent_death == {guard!r}
         print(json.dumps({{"pid": server.pid, "prefix": server._prefix, "workdir": str(server._workdir)}}), flush=True)
         time.sleep(600)
         """
@@ -338,6 +353,13 @@ def test_triton_dies_with_its_parent() -> None:
         while _alive(child_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive(child_pid), "tritonserver outlived its SIGKILLed parent"
+        # what the next start on this host does: the orphaned stubs, shared memory and scratch dir go
+        assert cleanup_stale() >= 1
+        while _stub_pids(prefix) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _stub_pids(prefix), "a python-backend stub outlived its server"
+        assert not [e for e in os.listdir("/dev/shm") if e.startswith(prefix)]
+        assert not os.path.exists(workdir)
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -362,3 +384,294 @@ def test_triton_dies_with_its_parent() -> None:
 def _alive(pid: int) -> bool:
     """True while the process exists and is not a zombie."""
     return _pid_alive(pid)
+
+
+# ---------------------------------------------------------------------------------------------
+# starting without fork handlers, the control key, the operator's restart, the exports
+
+
+def test_start_forks_no_handlers_beside_live_grpc_threads() -> None:
+    """Triton starts by vfork + exec (no preexec_fn): no fork handler runs (Python's
+    ``os.register_at_fork`` hooks, which ``preexec_fn`` triggers, stand for gRPC's), even while
+    other threads are inside gRPC calls; grpcio's "skipping fork() handlers" warning never shows."""
+    script = textwrap.dedent(
+        f"""
+        import json, os, threading
+        import numpy as np
+        forks = []
+        os.register_at_fork(before=lambda: forks.append("before"), after_in_parent=lambda: forks.append("after"))
+        import tritonclient.grpc as grpcclient
+        from tdist.triton import TritonServer
+        busy = TritonServer(model_repository={str(REPO)!r})
+        busy.start()
+        busy.load_model("encoder")
+        stop = threading.Event()
+        calls = []
+        def hammer():
+            client = grpcclient.InferenceServerClient(busy.grpc_address)
+            x = np.arange(4, dtype=np.int64)
+            inp = grpcclient.InferInput("input", [4], "INT64")
+            inp.set_data_from_numpy(x)
+            while not stop.is_set():
+                client.infer("encoder", [inp])
+                calls.append(1)
+            client.close()
+        threads = [threading.Thread(target=hammer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            for mode in ("setpriv", "watchdog", "auto"):
+                if mode == "setpriv" and not os.path.exists("/usr/bin/setpriv"):
+                    continue
+                server = TritonServer(model_repository={str(REPO)!r}, parent_death=mode)
+                try:
+                    server.start()
+                    server.load_model("encoder")
+                    assert server.model_ready("encoder")
+                finally:
+                    server.stop()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+            busy.stop()
+        print(json.dumps({{"forks": forks, "calls": len(calls)}}), flush=True)
+        """
+    )
+    env = dict(os.environ, GRPC_ENABLE_FORK_SUPPORT="1")  # gRPC's fork handlers on, as in a worker
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, env=env)
+    except subprocess.TimeoutExpired as hung:  # seen with preexec_fn: the fork beside gRPC threads hangs
+        pytest.fail(f"starting Triton beside live gRPC threads hung: {(hung.stderr or b'')[-2000:]!r}")
+    finally:
+        cleanup_stale()  # the stubs of servers whose (killed) parent could not stop them
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["calls"] > 0  # the gRPC threads were busy while the servers started
+    assert result["forks"] == [], "a fork ran the fork handlers"
+    assert "fork()" not in done.stderr, done.stderr[-3000:]
+
+
+def test_parent_check_runs_the_server_only_under_its_parent() -> None:
+    """The shell step after ``setpriv --pdeathsig``: a parent that died before the prctl would never
+    signal the server, so the command runs only if the expected parent is still the parent."""
+    ours = subprocess.run(["/bin/sh", "-c", _PARENT_CHECK, "tdist-triton", str(os.getpid()), "/bin/echo", "ran"],
+                          capture_output=True, text=True, timeout=30)
+    assert (ours.returncode, ours.stdout) == (0, "ran\n")
+    orphan = subprocess.run(["/bin/sh", "-c", _PARENT_CHECK, "tdist-triton", "1", "/bin/echo", "ran"],
+                            capture_output=True, text=True, timeout=30)
+    assert orphan.returncode == 111 and orphan.stdout == "" and "died before" in orphan.stderr
+
+
+def test_an_orphaned_server_is_swept_at_the_next_start() -> None:
+    """A server whose owner died while no guard held it (here: its watchdog is SIGKILLed first, as
+    when the owner dies in the instant between the server's spawn and its watchdog's) is killed,
+    with its stubs, by the next start's sweep (``cleanup_stale``)."""
+    script = textwrap.dedent(
+        f"""
+        import json, os, signal
+        from tdist.triton import TritonServer
+        server = TritonServer(model_repository={str(REPO)!r}, parent_death="watchdog")
+        server.start()
+        server.load_model("encoder")
+        os.kill(server._watchdog.pid, signal.SIGKILL)
+        server._watchdog.wait()
+        print(json.dumps({{"pid": server.pid, "prefix": server._prefix, "workdir": str(server._workdir)}}), flush=True)
+        os._exit(0)  # no cleanup: the server is an orphan now
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    pid, prefix = info["pid"], info["prefix"]
+    try:
+        assert _alive(pid) and _stub_pids(prefix)  # nothing killed it
+        assert cleanup_stale() >= 2  # the server and its stub
+        deadline = time.monotonic() + 60  # a bound for the test, not an assertion on speed
+        while (_alive(pid) or _stub_pids(prefix)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid) and not _stub_pids(prefix)
+        cleanup_stale()  # the shared memory and scratch dir, now that nothing uses them
+        assert not [e for e in os.listdir("/dev/shm") if e.startswith(prefix)]
+        assert not os.path.exists(info["workdir"])
+    finally:
+        for stray in ([pid] if _alive(pid) else []) + _stub_pids(prefix):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stray, signal.SIGKILL)
+
+
+@pytest.fixture
+def fresh_triton() -> Iterator[TritonServer]:
+    """A server of its own (this test loads and unloads models)."""
+    server = TritonServer(model_repository=str(REPO))
+    try:
+        server.start()
+        server.load_model("encoder")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+async def test_control_api_needs_the_key(fresh_triton: TritonServer, protocol: str) -> None:
+    """Model-repository and shared-memory calls without the key are refused and change nothing;
+    with it they work; inference needs no key. The key is not in the server's argv nor its log."""
+    import tritonclient.grpc.aio as grpc_aio
+    import tritonclient.http.aio as http_aio
+    from tritonclient.utils import InferenceServerException
+
+    from tdist.triton.client import _Region
+
+    server = fresh_triton
+    key = server.control_headers[CONTROL_HEADER]
+    assert len(key) >= 32
+    headers = server.grpc_control_headers if protocol == "grpc" else server.control_headers
+    raw: object
+    if protocol == "grpc":
+        raw = grpc_aio.InferenceServerClient(server.grpc_address)
+    else:
+        raw = http_aio.InferenceServerClient(server.http_address)
+    region = _Region(f"tdist_tshm_{os.getpid()}_keytest_{protocol}", 4096)
+    try:
+        refusals = []
+        for call in (
+            lambda h: raw.load_model("decoder", headers=h),  # type: ignore[attr-defined]
+            lambda h: raw.unload_model("encoder", headers=h),  # type: ignore[attr-defined]
+            lambda h: raw.get_model_repository_index(headers=h),  # type: ignore[attr-defined]
+            lambda h: raw.register_system_shared_memory(region.name, region.key, region.size, headers=h),  # type: ignore[attr-defined]
+        ):
+            for wrong in (None, {k: "x" + v for k, v in headers.items()}):
+                with pytest.raises(InferenceServerException) as refused:
+                    await call(wrong)
+                refusals.append(str(refused.value))
+        assert all("restricted" in r for r in refusals), refusals
+        assert server.model_ready("encoder") and not server.model_ready("decoder")  # nothing changed
+        status = await raw.get_system_shared_memory_status(headers=headers)  # type: ignore[attr-defined]
+        assert region.name not in json.dumps(status if isinstance(status, (dict, list)) else str(status))
+
+        # inference: no key
+        x = np.arange(6, dtype=np.int64)
+        mod = grpc_aio if protocol == "grpc" else http_aio
+        inp = mod.InferInput("input", [6], "INT64")
+        inp.set_data_from_numpy(x)
+        plain = await raw.infer("encoder", [inp])  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(plain.as_numpy("output"), ~x)
+
+        # with the key: load, unload, register work
+        await raw.load_model("decoder", headers=headers)  # type: ignore[attr-defined]
+        assert server.model_ready("decoder")
+        await raw.unload_model("decoder", headers=headers)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 60  # unloading finishes in the background; bound only
+        while server.model_ready("decoder") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not server.model_ready("decoder")
+        await raw.register_system_shared_memory(region.name, region.key, region.size, headers=headers)  # type: ignore[attr-defined]
+        await raw.unregister_system_shared_memory(region.name, headers=headers)  # type: ignore[attr-defined]
+    finally:
+        region.destroy()
+        await raw.close()  # type: ignore[attr-defined]
+
+    # tdist's client: shared memory works with the key, falls back to the wire (and says why) without
+    big = np.arange(1 << 15, dtype=np.int64)  # 256 KiB: above the shared-memory threshold
+    url = server.grpc_address if protocol == "grpc" else server.http_address
+    async with TritonClient(url, protocol=protocol, shared_memory="on",  # type: ignore[arg-type]
+                            control_headers=lambda: server.control_headers) as keyed:
+        out = await keyed.infer("encoder", {"input": big})
+        assert keyed.shm_enabled and keyed._regions and not keyed.shm_disabled_reason
+    np.testing.assert_array_equal(out.outputs["output"], ~big)
+    async with TritonClient(url, protocol=protocol, shared_memory="on") as keyless:  # type: ignore[arg-type]
+        out = await keyless.infer("encoder", {"input": big})
+        assert not keyless.shm_enabled and "restricted" in keyless.shm_disabled_reason
+    np.testing.assert_array_equal(out.outputs["output"], ~big)
+
+    # the key is in no argv a local user can read, nor in the log
+    assert server.key_hidden
+    assert server.pid is not None
+    with open(f"/proc/{server.pid}/cmdline", "rb") as f:
+        assert key.encode() not in f.read()
+    assert server.log_path is not None and key not in server.log_path.read_text(errors="replace")
+    stubs = _stub_pids(server._prefix)
+    assert stubs
+    for pid in stubs:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert key.encode() not in f.read()
+
+
+async def test_a_new_key_at_every_start(tmp_path: Path) -> None:
+    server = TritonServer(model_repository=str(REPO), log_file=str(tmp_path / "triton.log"))
+    try:
+        await server.astart()
+        first = server.control_headers[CONTROL_HEADER]
+        await server.aload_model("encoder")
+        await server.arestart()
+        second = server.control_headers[CONTROL_HEADER]
+        assert first != second and server.key_hidden
+        assert server.model_ready("encoder")  # restart's reload used the new key
+        assert first not in (tmp_path / "triton.log").read_text() and second not in (tmp_path / "triton.log").read_text()
+    finally:
+        server.stop()
+
+
+async def test_operator_restart_loads_each_model_once() -> None:
+    """After the server is SIGKILLed the operator's watchdog restarts it and each model is
+    loaded once (arestart() reloads it; the operator used to load it a second time)."""
+    from tdist.operators import Request
+    from tdist.operators.triton import TritonOperator, _servers
+
+    op = TritonOperator("encoder", 1, {"model_repository": str(REPO),
+                                       "config": {"parameters": {"input_copies": 2}}, "shared_memory": "on"})
+    await op.setup()
+    try:
+        server = op.server
+        loads: list[str] = []
+        real_load = server.load_model
+
+        def counting_load(name: str, overrides: object = None, timeout: float = 300.0) -> None:
+            loads.append(name)
+            real_load(name, overrides, timeout)
+
+        server.load_model = counting_load  # type: ignore[method-assign] - a spy on the real call
+        old_pid = server.pid
+        assert old_pid is not None
+        os.kill(old_pid, signal.SIGKILL)
+        shared = _servers[op.repository]
+        deadline = time.monotonic() + 120  # a bound for the test, not an assertion on speed
+        while (shared.restarts < 1 or not server.model_ready("encoder")) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert server.pid != old_pid and server.model_ready("encoder")
+        assert loads == ["encoder"]
+        assert server.log_path is not None
+        assert server.log_path.read_text().count("successfully loaded 'encoder'") == 1
+
+        x = np.arange(1 << 14, dtype=np.int64)  # shared memory with the new start's key
+        request = Request(id="r1", trace_id="t1", operator="encoder", version=1, deadline=time.time() + 60,
+                          attempt=1, parameters={}, inputs={"input": x},
+                          send_partial=_no_partial, make_remote=_no_remote)
+        outputs = await op.execute(request)
+        np.testing.assert_array_equal(outputs["output"], np.tile(~x, 2))
+        assert op._client._regions and not op._client.shm_disabled_reason
+    finally:
+        await op.close()
+    assert op.repository not in _servers
+
+
+async def _no_partial(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the Triton operator sends no partial results")
+
+
+def _no_remote(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the Triton operator calls no other operator")
+
+
+def test_a_bad_parent_death_mode_is_refused() -> None:
+    with pytest.raises(TritonError, match="parent_death must be one of"):
+        TritonServer(model_repository=str(REPO), parent_death="prctl")
+
+
+def test_exports_exist() -> None:
+    import tdist.triton as package
+
+    for name in package.__all__:
+        assert getattr(package, name) is not None, name
+    with pytest.raises(AttributeError):
+        package.InferResult  # noqa: B018 - the name it used to export without having it

@@ -11,8 +11,10 @@ Operator parameters (TOML ``[workers.operators.parameters]``):
 * ``protocol`` ("grpc" or "http") and ``shared_memory`` ("auto", "on", "off").
 
 Triton operators of one worker and one repository share one server. If the server
-dies, the operator notices at once, starts it again, reloads its models and serves
-on; a request caught in the crash gets an error response.
+dies, the operator notices at once, starts it again (``TritonServer.arestart()`` reloads
+each model loaded through it, once, with its overrides) and serves on; a request caught
+in the crash gets an error response. The operator's client sends the server's control key
+(``TritonServer.control_headers``, new at every start) with its shared-memory calls.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ log = get_logger("tdist.triton_operator")
 @dataclass
 class _SharedServer:
     server: Any
-    models: dict[str, Mapping[str, Any] | None] = field(default_factory=dict)
+    model_users: dict[str, int] = field(default_factory=dict)
+    """Operators using each model: a model nobody uses is unloaded, so a restart does not bring it back."""
     users: int = 0
     watchdog: asyncio.Task[None] | None = None
     restarting: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -80,14 +83,14 @@ async def _watch(repository: str, shared: _SharedServer) -> None:
 
 
 async def _restart(shared: _SharedServer) -> None:
+    """Start the dead server again; ``arestart()`` itself reloads its models (once each)."""
     async with shared.restarting:
         if shared.server.is_alive():
             return
         await shared.server.arestart()
         shared.restarts += 1
-        for model, overrides in shared.models.items():
-            await shared.server.aload_model(model, overrides)
-        log.info("triton_restarted", pid=shared.server.pid, models=sorted(shared.models), restarts=shared.restarts)
+        log.info("triton_restarted", pid=shared.server.pid, models=sorted(shared.server.loaded_models),
+                 restarts=shared.restarts)
 
 
 class TritonOperator(Operator):
@@ -119,11 +122,13 @@ class TritonOperator(Operator):
 
         self._shared = await _acquire(self.repository)
         try:
-            await self._shared.server.aload_model(self.model, self.overrides)
-            self._shared.models[self.model] = self.overrides
-            address = self._shared.server.grpc_address if self.protocol == "grpc" else self._shared.server.http_address
+            server = self._shared.server
+            await server.aload_model(self.model, self.overrides)
+            address = server.grpc_address if self.protocol == "grpc" else server.http_address
             self._client = TritonClient(address, protocol=self.protocol,  # type: ignore[arg-type]
-                                        shared_memory=self.shared_memory)  # type: ignore[arg-type]
+                                        shared_memory=self.shared_memory,  # type: ignore[arg-type]
+                                        control_headers=lambda: server.control_headers)
+            self._shared.model_users[self.model] = self._shared.model_users.get(self.model, 0) + 1
         except BaseException:
             await _release(self.repository, self._shared)
             self._shared = None
@@ -134,9 +139,18 @@ class TritonOperator(Operator):
             await self._client.close()
             self._client = None
         if self._shared is not None:
-            self._shared.models.pop(self.model, None)
-            await _release(self.repository, self._shared)
-            self._shared = None
+            shared, self._shared = self._shared, None
+            left = shared.model_users.get(self.model, 1) - 1
+            if left > 0:
+                shared.model_users[self.model] = left
+            else:
+                shared.model_users.pop(self.model, None)
+                if shared.users > 1 and shared.server.is_alive():  # the server stays: unload what nobody uses
+                    try:
+                        await shared.server.aunload_model(self.model, timeout=30.0)
+                    except TdistError as exc:
+                        log.warning("triton_unload_failed", model=self.model, error=str(exc))
+            await _release(self.repository, shared)
 
     async def execute(self, request: Request) -> Mapping[str, Any]:
         assert self._shared is not None and self._client is not None

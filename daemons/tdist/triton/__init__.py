@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from tdist.triton.server import (
+    CONTROL_HEADER,
+    RESTRICTED_APIS,
     STUB_SITE_REQUIREMENTS,
     TRITON_PYTHONPATH_ENV,
     TritonInstallation,
@@ -21,7 +23,7 @@ from tdist.triton.server import (
     read_model_config,
 )
 
-_CLIENT_NAMES = ("TritonClient", "InferResult", "map_triton_error")
+_CLIENT_NAMES = ("TritonClient", "TritonResult", "cleanup_stale_regions", "map_triton_error")
 
 
 def __getattr__(name: str) -> Any:
@@ -33,6 +35,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CONTROL_HEADER",
+    "RESTRICTED_APIS",
     "STUB_SITE_REQUIREMENTS",
     "TRITON_PYTHONPATH_ENV",
     "TritonInstallation",

@@ -12,6 +12,8 @@ unknown model, no available versions, not ready        :class:`TritonModelNotRea
 INTERNAL / HTTP 500 (the model's code failed)          :class:`OperatorError`
 DEADLINE_EXCEEDED, or the call's ``timeout`` passed    :class:`DeadlineExceeded`
 CANCELLED                                              :class:`Cancelled`
+a restricted API called without the key (403, or       :class:`TritonError`, ``reason="restricted"``
+UNAVAILABLE "This protocol is restricted")
 cannot connect, connection lost, anything else         :class:`TritonError`
 =====================================================  ==========================
 
@@ -23,6 +25,11 @@ faster (0.67 ms vs 0.73 ms p50); for 1 MiB shared memory is 2.8x faster (1.8 ms 
 the crossover is near 64 KiB. Output regions are sized from the largest size seen for that
 model output (at first: the request's input bytes); if one is too small the request is sent
 again with that output over the wire (the model runs twice: rare, and only for a new larger size).
+
+Registering a region is a control call: a server started by :class:`tdist.triton.TritonServer`
+wants its key header for it (``control_headers``: the server's ``control_headers``, or a callable
+returning them, read at each call so that a restarted server's new key is used; over gRPC the
+names get Triton's ``triton-grpc-protocol-`` prefix here). Inference needs no header.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import mmap
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -54,6 +61,7 @@ Protocol = Literal["grpc", "http"]
 SharedMemoryMode = Literal["off", "on", "auto"]
 
 _NOT_READY_MARKERS = ("unknown model", "has no available versions", "is not ready", "is not found")
+_RESTRICTED = "is restricted, expecting header"
 _SHM_REGION_MISSING = "unable to find shared memory region"
 _SHM_TOO_SMALL = "should be at least"
 _ALIGN = 64
@@ -102,6 +110,9 @@ def map_triton_error(exc: BaseException, model: str | None = None) -> TdistError
         return DeadlineExceeded(message, **details)
     if code == "CANCELLED":
         return Cancelled(message, **details)
+    if _RESTRICTED in low:
+        return TritonError(f"the Triton server refused a control call without its key: {message}",
+                           reason="restricted", **details)
     if code in ("INTERNAL", "500"):
         return OperatorError(message, **details)
     if code == "UNAVAILABLE" or isinstance(exc, (ConnectionError, OSError)) or _is_aiohttp_connection_error(exc):
@@ -208,6 +219,7 @@ class TritonClient:
         shm_threshold: int = 64 << 10,
         shm_pool_bytes: int = 256 << 20,
         timeout: float | None = None,
+        control_headers: Mapping[str, str] | Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', not {protocol!r}")
@@ -219,6 +231,9 @@ class TritonClient:
         self.shm_threshold = 0 if shared_memory == "on" else shm_threshold
         self.shm_enabled = shared_memory == "on" or (shared_memory == "auto" and _is_local(url))
         self.shm_pool_bytes = shm_pool_bytes
+        self._control_headers = control_headers
+        self.shm_disabled_reason = ""
+        """Why the server refused to register a region (shared memory then stays off), if it did."""
         if protocol == "grpc":
             import tritonclient.grpc.aio as mod
             from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
@@ -253,6 +268,18 @@ class TritonClient:
 
     async def __aenter__(self) -> TritonClient:
         return self
+
+    def _headers(self) -> dict[str, str] | None:
+        """Headers for control calls (shared-memory registration); None when there are none."""
+        source = self._control_headers
+        headers = source() if callable(source) else source
+        if not headers:
+            return None
+        if self.protocol == "grpc":
+            from tdist.triton.server import grpc_headers
+
+            return grpc_headers(headers)
+        return dict(headers)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
@@ -497,13 +524,17 @@ class TritonClient:
         except OSError:
             return None
         try:
-            await self._client.register_system_shared_memory(region.name, region.key, region.size)
+            await self._client.register_system_shared_memory(region.name, region.key, region.size,
+                                                             headers=self._headers())
         except Exception as exc:  # noqa: BLE001
             region.destroy()
             _, message = _status_and_message(exc)
             if "unavailable" in message.lower() or "connect" in message.lower():
                 raise map_triton_error(exc) from exc
-            self.shm_enabled = False  # the server cannot map our /dev/shm (another host or container)
+            # the server cannot map our /dev/shm (another host or container), or wants a control key
+            # we do not have: plain gRPC/HTTP from now on, and say why
+            self.shm_enabled = False
+            self.shm_disabled_reason = message
             return None
         self._regions[region.name] = region
         return region
@@ -530,7 +561,7 @@ class TritonClient:
     async def _destroy(self, region: _Region) -> None:
         self._regions.pop(region.name, None)
         with contextlib.suppress(Exception):
-            await self._client.unregister_system_shared_memory(region.name)
+            await self._client.unregister_system_shared_memory(region.name, headers=self._headers())
         region.destroy()
 
     def _forget_regions(self) -> None:
@@ -547,7 +578,8 @@ class TritonClient:
         self._closed = True
         for region in list(self._regions.values()):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._client.unregister_system_shared_memory(region.name), 2.0)
+                await asyncio.wait_for(
+                    self._client.unregister_system_shared_memory(region.name, headers=self._headers()), 2.0)
             region.destroy()
         self._regions.clear()
         self._free.clear()

@@ -17,13 +17,65 @@ container's libraries), so a worker runs the ``tritonserver`` binary bundled in 
   start, so that two servers never collide and the regions (and any stub left behind) of a
   killed server can be cleaned up.
 
-The child dies with its parent even on SIGKILL of the parent (``prctl(PR_SET_PDEATHSIG)``), is
-ready only when ``/v2/health/ready`` answers 200 (no fixed sleeps), runs in
-``--model-control-mode=explicit`` with metrics off, and stops with SIGTERM, then SIGKILL, by PID.
+The child dies with its parent even on SIGKILL of the parent, is ready only when
+``/v2/health/ready`` answers 200 (no fixed sleeps), runs in ``--model-control-mode=explicit`` with
+metrics off, and stops with SIGTERM, then SIGKILL, by PID.
 
-Linux only. PR_SET_PDEATHSIG fires when the *thread* that started the child exits: call
-``start()``/``astart()`` from a thread that lives as long as the server (the main thread, or the
-event loop's thread); ``astart()`` starts the process in the loop's thread for that reason.
+**Starting the process without forking a gRPC-threaded parent.** A worker has live gRPC threads
+(tritonclient's aio channels). Measured once on a busy machine: a start with
+``Popen(preexec_fn=...)`` logged "Other threads are currently calling into gRPC, skipping fork()
+handlers" and the child died with SIGABRT (``epoll_wait error: Bad file descriptor``); here, with a
+``preexec_fn`` put back and two threads in gRPC calls, a start hung for good (the test
+``test_start_forks_no_handlers_beside_live_grpc_threads`` timed out at 240 s). What CPython
+3.11.7 does (``Lib/subprocess.py`` ``_execute_child`` and ``Modules/_posixsubprocess.c``, checked
+with ``strace -f -e trace=fork,vfork,clone,clone3``):
+
+* ``posix_spawn`` is used only without ``close_fds`` (default True), ``cwd``, ``pass_fds``,
+  ``start_new_session`` and ``process_group``: not our case;
+* every other call goes through ``_posixsubprocess.fork_exec``, which uses ``vfork()`` unless
+  ``preexec_fn``, ``user``, ``group`` or ``extra_groups`` is given (or ``subprocess._USE_VFORK`` is
+  False). ``start_new_session``, ``process_group``, ``cwd``, ``close_fds`` and ``pass_fds`` keep
+  vfork: strace shows ``vfork()`` for them and a plain ``clone(SIGCHLD)`` (= fork) with
+  ``preexec_fn``;
+* with vfork no ``pthread_atfork`` handler runs (so not gRPC's) and ``PyOS_BeforeFork`` /
+  ``os.register_at_fork`` hooks are not called: the child runs only async-signal-safe C
+  (dup2, close, chdir, setsid) and then ``execve``. With ``preexec_fn`` CPython calls
+  ``PyOS_BeforeFork``, forks, runs gRPC's fork handlers and Python code in the child: the trap.
+  Even a plain ``fork()`` with no Python code would still run gRPC's atfork handlers, so vfork
+  (no ``preexec_fn``) is the point, not merely "no Python after fork".
+
+So the server starts with no ``preexec_fn`` and parent death is handled another way
+(``TritonServerOptions.parent_death``):
+
+* ``setpriv`` (util-linux >= 2.33; Debian 12 has 2.38): ``setpriv --pdeathsig KILL -- /bin/sh -c
+  <check> ...`` sets ``PR_SET_PDEATHSIG`` in the child without Python code, then a two-line shell
+  checks that its parent is still the worker (closing the race where the worker dies before the
+  prctl) and execs ``tritonserver``: the PID stays the same through the exec chain.
+  PR_SET_PDEATHSIG fires when the *thread* that started the child exits: call
+  ``start()``/``astart()`` from a thread that lives as long as the server (the main thread, or the
+  event loop's thread); ``astart()`` starts the process in the loop's thread for that reason;
+* ``watchdog`` (used when setpriv is absent): a small ``python -I -S`` process holds the read end of
+  a pipe whose only write end is in the worker; when the worker dies (any signal) it reads EOF and
+  SIGKILLs Triton (by pidfd, then its process group); it exits by itself when Triton exits.
+
+**The control API needs a key.** Triton listens on 127.0.0.1 in explicit model-control mode, so
+without more any local user could load a python-backend model (code execution as the service user)
+or register shared memory. Each start makes a random key (``secrets.token_urlsafe(32)``) and starts
+Triton with ``--http-restricted-api`` and ``--grpc-restricted-protocol`` for ``model-repository``
+and ``shared-memory``: those calls need the header ``tdist-triton-key: <key>``
+(:attr:`TritonServer.control_headers`; over gRPC the metadata key is
+``triton-grpc-protocol-tdist-triton-key``, :attr:`TritonServer.grpc_control_headers`); health,
+metadata and inference do not. Triton 2.51 takes the key only on its command line
+(``tritonserver --help``: no options file, no environment form), and
+``/proc/<pid>/cmdline`` is readable by every local user unless /proc is mounted with ``hidepid``.
+So once the server is ready (it parsed its options long before) the worker overwrites the key in
+the child's argv memory through ``/proc/<pid>/mem`` (allowed for the parent: same user, and Yama
+ptrace_scope 1 allows a parent); :attr:`TritonServer.key_hidden` says whether that worked.
+**Residual risk**: between exec and readiness a local user polling /proc can read the key (measured
+here: 0.11 to 0.14 s from spawn to wiped, idle machine; no model loads at start in explicit mode,
+longer on a loaded machine); a new key is made at every start. Mount /proc with ``hidepid=invisible``
+(or run Triton in a container / user namespace) to close that window. The key is never logged and
+never in an error's details.
 """
 
 from __future__ import annotations
@@ -31,12 +83,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import ctypes
 import fcntl
 import http.client
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -66,7 +118,20 @@ STUB_SITE_ENV = "TDIST_TRITON_STUB_SITE"
 STUB_SITE_REQUIREMENTS: tuple[str, ...] = ("numpy<2",)
 """What the python-backend stub of nvidia-pytriton needs beside the interpreter's stdlib."""
 
-_PR_SET_PDEATHSIG = 1
+CONTROL_HEADER = "tdist-triton-key"
+"""HTTP header / gRPC metadata key the model-repository and shared-memory APIs require (lower case:
+gRPC metadata keys must be)."""
+
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+"""Triton's gRPC frontend expects a restricted-protocol key as metadata ``triton-grpc-protocol-<key>``
+(Triton 2.51 answers a call without it: "This protocol is restricted, expecting header
+'triton-grpc-protocol-tdist-triton-key'"); HTTP takes the key as given."""
+
+RESTRICTED_APIS: tuple[str, ...] = ("model-repository", "shared-memory")
+"""Triton APIs that need :data:`CONTROL_HEADER` (``--http-restricted-api``, ``--grpc-restricted-protocol``)."""
+
+PARENT_DEATH_MODES: tuple[str, ...] = ("auto", "setpriv", "watchdog")
+
 _STUB_NAME = "triton_python_backend_stub"
 
 
@@ -308,6 +373,16 @@ class TritonServerOptions:
     extra_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment variables for the server and its model stubs."""
+    parent_death: str = "auto"
+    """How the server dies with its parent: ``setpriv`` (PR_SET_PDEATHSIG via util-linux setpriv),
+    ``watchdog`` (a pipe-watching helper process) or ``auto`` (setpriv when it is installed)."""
+
+    def __post_init__(self) -> None:
+        if self.parent_death not in PARENT_DEATH_MODES:
+            raise TritonError(
+                f"parent_death must be one of {', '.join(PARENT_DEATH_MODES)}, not {self.parent_death!r}",
+                key="parent_death",
+            )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -328,26 +403,91 @@ def _port_free(host: str, port: int) -> bool:
         return True
 
 
-_libc: Any = None
+_PARENT_CHECK = (
+    'p=$1; shift; if [ "$PPID" != "$p" ]; then '
+    'echo "tdist: the worker (pid $p) died before the parent-death signal was set" >&2; exit 111; fi; '
+    'exec "$@"'
+)
+"""Run by /bin/sh after ``setpriv --pdeathsig KILL``: a parent that died before the prctl would not
+signal us, so check it is still our parent, then exec Triton (same PID)."""
+
+_WATCHDOG = """
+import os, select, signal, sys
+fd, pid = int(sys.argv[1]), int(sys.argv[2])
+try:
+    pidfd = os.pidfd_open(pid)
+except OSError:
+    sys.exit(0)
+ready, _, _ = select.select([fd, pidfd], [], [])
+if pidfd in ready:
+    sys.exit(0)
+try:
+    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    os.killpg(pid, signal.SIGKILL)
+except OSError:
+    pass
+"""
+"""The fallback guard: argv ``<read fd> <triton pid>``. The worker holds the pipe's only write end:
+EOF (the worker died, whatever the signal) SIGKILLs Triton by pidfd, then its process group (the
+python-backend stubs); Triton exiting first ends the watchdog without a kill."""
+
+_setpriv_path: str | None | bool = False
 
 
-def _load_libc() -> Any:
-    global _libc
-    if _libc is None and sys.platform.startswith("linux"):
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
+def setpriv_with_pdeathsig() -> str | None:
+    """Path of util-linux ``setpriv`` if it has ``--pdeathsig`` (util-linux >= 2.33), else None. Cached."""
+    global _setpriv_path
+    if _setpriv_path is False:
+        path = shutil.which("setpriv")
+        found: str | None = None
+        if path:
+            try:
+                done = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=10,
+                                      stdin=subprocess.DEVNULL)
+                found = path if "--pdeathsig" in done.stdout + done.stderr else None
+            except (OSError, subprocess.TimeoutExpired):
+                found = None
+        _setpriv_path = found
+    assert _setpriv_path is not False
+    return _setpriv_path
 
 
-def _die_with_parent(parent_pid: int, libc: Any) -> Any:
-    """preexec_fn: SIGKILL this child when the thread that forked it dies."""
+def grpc_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """HTTP-form control headers as the metadata Triton's gRPC frontend checks."""
+    return {k if k.startswith(GRPC_HEADER_PREFIX) else GRPC_HEADER_PREFIX + k: v for k, v in headers.items()}
 
-    def preexec() -> None:
-        if libc is not None:
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
 
-    return preexec
+def _proc_stat_fields(pid: int) -> list[bytes]:
+    """Fields of /proc/<pid>/stat after the command name (index 0 is field 3, ``state``)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
+def _scrub_argv(pid: int, secret: str) -> bool:
+    """Overwrite every copy of ``secret`` in the argv memory of process ``pid`` with ``*`` (same
+    length, NULs kept), through /proc/<pid>/mem; True when /proc/<pid>/cmdline no longer holds it.
+    Needs ptrace access to ``pid`` (our own child: same user). Only bytes inside the argument area
+    (``arg_start``..``arg_end``, fields 48 and 49 of /proc/<pid>/stat) that equal the secret are written."""
+    needle = secret.encode()
+    if not needle:
+        return True
+    try:
+        fields = _proc_stat_fields(pid)
+        start, end = int(fields[45]), int(fields[46])
+        if not 0 < start < end:
+            return False
+        with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            area = mem.read(end - start)
+            at = area.find(needle)
+            while at >= 0:
+                mem.seek(start + at)
+                mem.write(b"*" * len(needle))
+                at = area.find(needle, at + len(needle))
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return needle not in f.read()
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _connect_host(host: str) -> str:
@@ -382,6 +522,12 @@ class TritonServer:
         self.grpc_port = options.grpc_port
         self._models: dict[str, dict[str, Any] | None] = {}
         """Models loaded through this object, with their overrides: reloaded by ``restart()``."""
+        self._control_key = ""
+        """Secret of the current start: Triton wants it in :data:`CONTROL_HEADER` for control calls."""
+        self._key_hidden = False
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog_fd = -1
+        """The write end of the watchdog's pipe (parent_death="watchdog"); closing it kills Triton."""
 
     # ---- state
 
@@ -402,6 +548,30 @@ class TritonServer:
     @property
     def log_path(self) -> Path | None:
         return self._log_path
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        """The header the current start's model-repository and shared-memory APIs need ({} before
+        the first start). A secret: send it to this server only, never log it."""
+        return {CONTROL_HEADER: self._control_key} if self._control_key else {}
+
+    @property
+    def grpc_control_headers(self) -> dict[str, str]:
+        """:attr:`control_headers` as gRPC metadata (Triton wants the key prefixed, see :data:`GRPC_HEADER_PREFIX`)."""
+        return grpc_headers(self.control_headers)
+
+    @property
+    def key_hidden(self) -> bool:
+        """Whether the control key was wiped from the running server's /proc/<pid>/cmdline."""
+        return self._key_hidden
+
+    @property
+    def parent_death(self) -> str:
+        """The guard in use: ``setpriv`` or ``watchdog`` (``auto`` resolved)."""
+        mode = self.options.parent_death
+        if mode == "auto":
+            return "setpriv" if setpriv_with_pdeathsig() else "watchdog"
+        return mode
 
     @property
     def returncode(self) -> int | None:
@@ -477,6 +647,7 @@ class TritonServer:
             try:
                 while True:
                     if self._poll_ready():
+                        self._hide_key()
                         return self
                     if time.monotonic() > deadline:
                         raise TritonError("the Triton server was not ready in time", timeout=timeout, log=self.log_tail())
@@ -502,6 +673,7 @@ class TritonServer:
             try:
                 while True:
                     if await asyncio.to_thread(self._poll_ready):
+                        self._hide_key()
                         return self
                     if time.monotonic() > deadline:
                         raise TritonError("the Triton server was not ready in time", timeout=timeout, log=self.log_tail())
@@ -600,6 +772,8 @@ class TritonServer:
             f"--backend-config=python,shm-default-byte-size={int(o.python_shm_default_byte_size)}",
             f"--backend-config=python,shm-growth-byte-size={int(o.python_shm_growth_byte_size)}",
         ]
+        restricted = f"{','.join(RESTRICTED_APIS)}:{CONTROL_HEADER}={self._control_key}"
+        cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         if not cuda:
             cmd += ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
         cmd += list(o.extra_args)
@@ -630,26 +804,74 @@ class TritonServer:
             self.grpc_port = self.grpc_port if keep else 0
             while not self.grpc_port or self.grpc_port == self.http_port:
                 self.grpc_port = free_port(o.host)
+        self._control_key = secrets.token_urlsafe(32)
+        self._key_hidden = False
         try:
             backends = self._prepare_backends(self._workdir)
             env = self._environment(stub_site)
             self._log_path = Path(o.log_file) if o.log_file else self._workdir / "triton.log"
-            libc = _load_libc()
+            guard = self.parent_death
             with open(self._log_path, "ab") as log:
-                self._proc = subprocess.Popen(
-                    self._command(backends),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=str(self._workdir),
-                    start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which stops Triton
-                    preexec_fn=_die_with_parent(os.getpid(), libc),  # noqa: PLW1509 - only a prctl call
-                )
+                self._spawn(self._command(backends), env, log, guard)
         except BaseException:
+            if self._proc is not None and self._proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+            self._close_watchdog()
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
             raise
+
+    def _spawn(self, command: list[str], env: dict[str, str], log: Any, guard: str) -> None:
+        """Start Triton with no ``preexec_fn`` (vfork + exec, see the module docstring) and its
+        parent-death guard. ``start_new_session``: a Ctrl-C in the terminal reaches the parent
+        only, which stops Triton; the session's process group holds Triton and its stubs."""
+        assert self._workdir is not None
+        if guard == "setpriv":
+            setpriv = setpriv_with_pdeathsig()
+            if setpriv is None:
+                raise TritonError("parent_death='setpriv' needs util-linux setpriv with --pdeathsig on PATH")
+            argv = [setpriv, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _PARENT_CHECK, "tdist-triton",
+                    str(os.getpid()), *command]
+        else:
+            argv = command
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            cwd=str(self._workdir), start_new_session=True,
+        )
+        if guard == "watchdog":
+            read_fd, write_fd = os.pipe()  # both ends close-on-exec: only the watchdog gets read_fd
+            try:
+                self._watchdog = subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(read_fd), str(self._proc.pid)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, pass_fds=(read_fd,),
+                    start_new_session=True,
+                )
+            except BaseException:
+                os.close(write_fd)
+                raise
+            finally:
+                os.close(read_fd)
+            self._watchdog_fd = write_fd
+
+    def _close_watchdog(self) -> None:
+        """After Triton exited: release the watchdog (it exits on Triton's exit or on EOF) and reap it."""
+        if self._watchdog_fd >= 0:
+            os.close(self._watchdog_fd)
+            self._watchdog_fd = -1
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            try:
+                watchdog.wait(10)
+            except subprocess.TimeoutExpired:
+                watchdog.kill()
+                watchdog.wait()
+
+    def _hide_key(self) -> None:
+        """Wipe the control key from the ready server's argv (see the module docstring)."""
+        if self._proc is not None and self._control_key:
+            self._key_hidden = _scrub_argv(self._proc.pid, self._control_key)
 
     def _poll_ready(self) -> bool:
         """One readiness probe; raises :class:`TritonError` (or _BindFailed) if the process exited."""
@@ -669,12 +891,15 @@ class TritonServer:
 
     # ---- HTTP control calls (http.client: no proxy settings apply to 127.0.0.1 calls)
 
-    def _http(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> tuple[int, bytes]:
+    def _http(self, method: str, path: str, body: Any = None, timeout: float = 30.0,
+              headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection(_connect_host(self.options.host), self.http_port, timeout=timeout)
         try:
             data = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if data is not None else {}
-            conn.request(method, path, body=data, headers=headers)
+            sent = dict(headers or {})
+            if data is not None:
+                sent["Content-Type"] = "application/json"
+            conn.request(method, path, body=data, headers=sent)
             resp = conn.getresponse()
             return resp.status, resp.read()
         finally:
@@ -683,7 +908,7 @@ class TritonServer:
     def _control(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> bytes:
         self.check()
         try:
-            status, data = self._http(method, path, body, timeout)
+            status, data = self._http(method, path, body, timeout, self.control_headers)
         except OSError as exc:
             if not self.is_alive():
                 self.check()
@@ -797,6 +1022,7 @@ class TritonServer:
         the next ``start()`` or ``stop()``)."""
         if self._proc is not None and self._proc.poll() is None:
             return
+        self._close_watchdog()
         if self._prefix:
             for pid in _stub_pids(self._prefix):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -844,10 +1070,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 def cleanup_stale() -> int:
-    """Remove what servers of SIGKILLed parents left: scratch dirs ``<tmp>/tdist-triton-<pid>-*``
-    and python-backend shared memory ``/dev/shm/tdist_triton_<pid>_*`` whose ``<pid>`` is gone.
-    Runs at every start; returns how many entries it removed."""
+    """Remove what servers of SIGKILLed parents left: tritonserver processes and python-backend
+    stubs whose command line names a ``tdist_triton_<pid>_`` region (the parent-death guard kills
+    Triton, not its stubs, which then live on as orphans; and a server whose parent died in the
+    instant between its spawn and its watchdog's), scratch dirs ``<tmp>/tdist-triton-<pid>-*`` and python-backend shared
+    memory ``/dev/shm/tdist_triton_<pid>_*``, each only when ``<pid>`` is gone. Runs at every
+    start; returns how many stubs and entries it removed."""
     removed = 0
+    for pid in _orphan_server_pids() + _stub_pids("tdist_triton_", orphans_only=True):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            removed += 1
     for base, prefix, sep in ((tempfile.gettempdir(), "tdist-triton-", "-"), ("/dev/shm", "tdist_triton_", "_")):
         try:
             entries = os.listdir(base)
@@ -871,8 +1104,38 @@ def cleanup_stale() -> int:
     return removed
 
 
-def _stub_pids(prefix: str) -> list[int]:
-    """PIDs of python-backend stubs whose command line names one of this server's shm regions."""
+def _orphan_server_pids() -> list[int]:
+    """PIDs of tritonserver processes started by a ``TritonServer`` whose owner process is gone
+    (recognised by the ``shm-region-prefix-name=tdist_triton_<owner pid>_`` option we give them)."""
+    pids: list[int] = []
+    marker = b"--backend-config=python,shm-region-prefix-name=tdist_triton_"
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return pids
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0].endswith(b"/tritonserver"):
+            continue
+        for arg in argv[1:]:
+            if arg.startswith(marker):
+                owner = arg[len(marker):].split(b"_", 1)[0]
+                if owner.isdigit() and int(owner) != os.getpid() and not _pid_alive(int(owner)):
+                    pids.append(int(entry))
+                break
+    return pids
+
+
+def _stub_pids(prefix: str, orphans_only: bool = False) -> list[int]:
+    """PIDs of python-backend stubs whose command line names a shm region starting with ``prefix``
+    (one server's: ``tdist_triton_<pid>_<start>_``). ``orphans_only``: only those whose region names
+    a ``tdist_triton_<pid>_`` owner that is gone (and not ours)."""
     pids: list[int] = []
     needle = prefix.encode()
     try:
@@ -887,12 +1150,23 @@ def _stub_pids(prefix: str) -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(_STUB_NAME.encode()) and any(a.startswith(needle) for a in argv[1:]):
-            pids.append(int(entry))
+        if not argv or not argv[0].endswith(_STUB_NAME.encode()):
+            continue
+        names = [a for a in argv[1:] if a.startswith(needle)]
+        if not names:
+            continue
+        if orphans_only:
+            owner = names[0][len(b"tdist_triton_"):].split(b"_", 1)[0]
+            if not owner.isdigit() or int(owner) == os.getpid() or _pid_alive(int(owner)):
+                continue
+        pids.append(int(entry))
     return pids
 
 
 __all__ = [
+    "CONTROL_HEADER",
+    "GRPC_HEADER_PREFIX",
+    "RESTRICTED_APIS",
     "STUB_SITE_REQUIREMENTS",
     "TRITON_PYTHONPATH_ENV",
     "TritonInstallation",
@@ -903,6 +1177,7 @@ __all__ = [
     "ensure_stub_site",
     "find_triton",
     "free_port",
+    "grpc_headers",
     "merge_config",
     "normalize_overrides",
     "read_model_config",
