@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tdist import metrics
 from tdist.errors import ConfigError, TdistError
 from tdist.logs import get_logger
 from tdist.operators import Operator, Request
@@ -89,6 +90,7 @@ async def _restart(shared: _SharedServer) -> None:
             return
         await shared.server.arestart()
         shared.restarts += 1
+        metrics.TRITON_RESTARTS.inc()
         log.info("triton_restarted", pid=shared.server.pid, models=sorted(shared.server.loaded_models),
                  restarts=shared.restarts)
 
