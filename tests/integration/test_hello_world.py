@@ -13,7 +13,7 @@ import pytest
 from tdist.client import Client
 from tdist.config import OperatorConfig
 from tdist.errors import InvalidRequest
-from tdist.triton.server import find_triton
+from tdist.triton.install import find_triton
 
 REPO = str(Path(__file__).resolve().parents[2] / "model_repository")
 pytestmark = [pytest.mark.timeout(300)]

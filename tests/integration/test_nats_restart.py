@@ -11,7 +11,6 @@ import asyncio
 import collections
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 
 from tdist.client import Client
 from tdist.config import NatsConfig, RequestPlaneConfig
+from tdist.process import free_port
 from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
 from tdist.request_plane.deploy import deploy
 from tests.conftest import operator
@@ -28,17 +28,11 @@ from tests.conftest import operator
 pytestmark = pytest.mark.timeout(240)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RestartableNats:
     """One nats-server at a fixed port and store, restarted by a real signal."""
 
     def __init__(self, store: Path) -> None:
-        self.options = NatsServerOptions(port=_free_port(), store_dir=str(store))
+        self.options = NatsServerOptions(port=free_port(), store_dir=str(store))
         self.server = EmbeddedNatsServer(self.options).start()
         self.url = self.server.url
 
@@ -71,7 +65,7 @@ def restartable_nats(tmp_path: Path) -> Iterator[RestartableNats]:
 async def test_every_request_in_flight_gets_exactly_one_final_across_a_restart(
     restartable_nats: RestartableNats, namespace: str, workers, sig: int, inflight: int
 ) -> None:
-    from tdist.config import OperatorConfig, WorkerConfig
+    from tdist.config import WorkerConfig
     from tdist.worker.worker import Worker
 
     nats = NatsConfig(servers=(restartable_nats.url,), ping_interval=1.0, max_outstanding_pings=2)

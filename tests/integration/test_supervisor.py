@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tdist.process import alive
 from tdist.agent.config import AgentConfig, AgentWorkerConfig, load_agent_config
 from tdist.agent.gpus import GpuInfo
 from tdist.agent.supervisor_conf import plan_programs, render
@@ -121,19 +122,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); it is gone for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture

@@ -33,19 +33,10 @@ from tdist.errors import (
     error_from_code,
 )
 from tdist.triton import CONTROL_HEADER, TritonServer, find_triton
-from tdist.triton.server import (
-    _PARENT_CHECK,
-    _pid_alive,
-    cleanup_stale,
-    _stub_pids,
-    setpriv_with_pdeathsig,
-    default_stub_site,
-    ensure_stub_site,
-    merge_config,
-    normalize_overrides,
-    read_model_config,
-    stub_site_ok,
-)
+from tdist.process import alive as _alive
+from tdist.triton.model_config import merge_config, normalize_overrides, read_model_config
+from tdist.triton.processes import _PARENT_CHECK, _stub_pids, cleanup_stale, setpriv_with_pdeathsig
+from tdist.triton.stub_site import default_stub_site, ensure_stub_site, stub_site_ok
 
 REPO = Path(__file__).resolve().parents[2] / "model_repository"
 
@@ -201,7 +192,7 @@ async def test_client_timeout_is_deadline_exceeded_and_the_model_stops(triton: T
 
 
 async def test_server_unreachable_is_a_triton_error() -> None:
-    from tdist.triton.server import free_port
+    from tdist.process import free_port
 
     async with TritonClient(f"127.0.0.1:{free_port()}") as client:
         with pytest.raises(TritonError) as err:
@@ -379,11 +370,6 @@ def test_triton_dies_with_its_parent(guard: str) -> None:
                         os.unlink(f"/dev/shm/{entry}")
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    return _pid_alive(pid)
 
 
 # ---------------------------------------------------------------------------------------------

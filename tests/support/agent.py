@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tdist.process import free_port  # noqa: F401 - the tests import it from here
 from tdist.agent.processes import cmdline, kill_and_wait, marked_pids
 from tests.conftest import OPERATORS
 
@@ -141,12 +142,6 @@ def cleanup(state: Path, *agents: AgentProcess) -> None:
     for agent in agents:
         agent.kill()
     kill_and_wait(marked_pids(str(state)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(pid: int) -> list[tuple[str, int]]:

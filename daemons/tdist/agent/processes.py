@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 from tdist.errors import TdistError
 from tdist.logs import get_logger
 
+from tdist.process import alive, cmdline, start_time  # noqa: F401 - re-exported for the agent
+
 log = get_logger("tdist.agent.processes")
 
 MARKER = "TDIST_AGENT_STATE_DIR"
@@ -73,31 +75,6 @@ def marker_env(state_dir: str) -> dict[str, str]:
 
 
 # -- /proc --------------------------------------------------------------------------------
-
-
-def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": field 3 onwards
-    if fields[0] == b"Z":
-        return None  # a zombie is gone for our purposes
-    return int(fields[19])
-
-
-def alive(pid: int) -> bool:
-    return start_time(pid) is not None
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
-    except OSError:
-        return []
 
 
 def marked_pids(state_dir: str, exclude: Iterable[int] = ()) -> list[int]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from tdist import logs
 from tdist.errors import TdistError
+from tdist.process import alive
 
 log = logs.get_logger("tdist.agent.supervisor")
 
@@ -221,16 +222,6 @@ class SupervisorClient:
         return await asyncio.to_thread(self.reload_config)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Supervisord:
     """supervisord as a child process (its own session), driven through ``client``.
 
@@ -346,7 +337,7 @@ class Supervisord:
             self.proc.kill()
             self.proc.wait()
         for pid in pids:
-            if _alive(pid):
+            if alive(pid):
                 try:
                     os.killpg(pid, signal.SIGKILL)  # each program leads its own process group
                 except (ProcessLookupError, PermissionError):

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from urllib.parse import urlparse
 
 from tdist.config import load_worker_file, read_toml
 from tdist.errors import ConfigError
+from tdist.process import free_port
 from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
 
 
@@ -88,7 +88,7 @@ def through_agent(config: str, nats_port: int | None, client_args: list[str] | N
     nats_url = file.nats.servers[0]
     if nats_port is not None:
         host = urlparse(nats_url).hostname or "127.0.0.1"
-        nats_url = f"nats://{host}:{nats_port or _free_port(host)}"
+        nats_url = f"nats://{host}:{nats_port or free_port(host)}"
         cmd += ["--nats-url", nats_url]
     os.makedirs("logs", exist_ok=True)
     with open(os.path.join("logs", "agent.log"), "ab") as agent_log:  # its JSON log lines
@@ -117,12 +117,6 @@ def through_agent(config: str, nats_port: int | None, client_args: list[str] | N
             agent.wait()
         if agent.stdout:
             agent.stdout.close()
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _get(port: int, path: str) -> tuple[int, str]:

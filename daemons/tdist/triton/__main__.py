@@ -9,7 +9,8 @@ import json
 import sys
 
 from tdist.errors import TritonError
-from tdist.triton.server import default_stub_site, ensure_stub_site, find_triton, libpython_dirs
+from tdist.triton.install import find_triton, libpython_dirs
+from tdist.triton.stub_site import default_stub_site, ensure_stub_site
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,16 +82,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
-import fcntl
 import http.client
-import importlib.util
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -105,18 +101,18 @@ from types import TracebackType
 from typing import Any
 
 from tdist.errors import TritonError, TritonModelNotReady
-
-TRITON_PYTHONPATH_ENV = "TDIST_TRITON_PYTHONPATH"
-"""The models put this variable's directories first on sys.path before importing numpy."""
-
-TRITON_HOME_ENV = "TDIST_TRITON_HOME"
-"""A Triton install with ``bin/tritonserver`` and ``backends/`` (e.g. ``/opt/tritonserver``)."""
-
-STUB_SITE_ENV = "TDIST_TRITON_STUB_SITE"
-"""Overrides the default stub-site directory."""
-
-STUB_SITE_REQUIREMENTS: tuple[str, ...] = ("numpy<2",)
-"""What the python-backend stub of nvidia-pytriton needs beside the interpreter's stdlib."""
+from tdist.process import free_port, port_free
+from tdist.triton.install import _STUB_NAME, TritonInstallation, find_triton, libpython_dirs
+from tdist.triton.model_config import merge_config, normalize_overrides, read_model_config
+from tdist.triton.processes import (
+    _PARENT_CHECK,
+    _WATCHDOG,
+    _scrub_argv,
+    _stub_pids,
+    cleanup_stale,
+    setpriv_with_pdeathsig,
+)
+from tdist.triton.stub_site import TRITON_PYTHONPATH_ENV, default_stub_site, ensure_stub_site, stub_site_ok
 
 CONTROL_HEADER = "tdist-triton-key"
 """HTTP header / gRPC metadata key the model-repository and shared-memory APIs require (lower case:
@@ -131,221 +127,6 @@ RESTRICTED_APIS: tuple[str, ...] = ("model-repository", "shared-memory")
 """Triton APIs that need :data:`CONTROL_HEADER` (``--http-restricted-api``, ``--grpc-restricted-protocol``)."""
 
 PARENT_DEATH_MODES: tuple[str, ...] = ("auto", "setpriv", "watchdog")
-
-_STUB_NAME = "triton_python_backend_stub"
-
-
-# --------------------------------------------------------------------------------------------
-# Finding the binary
-
-
-@dataclass(frozen=True)
-class TritonInstallation:
-    """Where a ``tritonserver`` binary and what it needs are."""
-
-    binary: Path
-    backends: Path
-    """The backends directory as shipped (for nvidia-pytriton: without a stub in ``python/``)."""
-    lib_dirs: tuple[Path, ...] = ()
-    """Added to LD_LIBRARY_PATH."""
-    python_stub: Path | None = None
-    """The python-backend stub to link into ``backends/python`` (None: the backends have one)."""
-    source: str = "pytriton"
-    """``pytriton`` (the nvidia-pytriton wheel) or ``home`` (a plain Triton install)."""
-
-
-def _pytriton_installation() -> TritonInstallation | None:
-    try:
-        spec = importlib.util.find_spec("pytriton")  # does not import the package
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        root = Path(location) / "tritonserver"
-        binary = root / "bin" / "tritonserver"
-        if not binary.is_file():
-            continue
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        stub = root / "python_backend_stubs" / version / _STUB_NAME
-        if not stub.is_file():
-            raise TritonError(
-                f"nvidia-pytriton has no python-backend stub for Python {version}", stubs=str(stub.parent.parent)
-            )
-        libs = Path(location).parent / "nvidia_pytriton.libs"
-        return TritonInstallation(
-            binary=binary,
-            backends=root / "backends",
-            lib_dirs=(libs,) if libs.is_dir() else (),
-            python_stub=stub,
-            source="pytriton",
-        )
-    return None
-
-
-def _home_installation(home: Path) -> TritonInstallation:
-    binary = home / "bin" / "tritonserver"
-    if not binary.is_file():
-        raise TritonError("no bin/tritonserver in the Triton home", home=str(home))
-    lib = home / "lib"
-    return TritonInstallation(
-        binary=binary, backends=home / "backends", lib_dirs=(lib,) if lib.is_dir() else (), source="home"
-    )
-
-
-def find_triton(home: str | os.PathLike[str] | None = None) -> TritonInstallation:
-    """``home`` (a Triton install dir), ``$TDIST_TRITON_HOME``, the ``nvidia-pytriton`` wheel, then
-    ``/opt/tritonserver`` (the NGC container). Raises :class:`TritonError` if none is there."""
-    if home is not None:
-        return _home_installation(Path(home))
-    env = os.environ.get(TRITON_HOME_ENV)
-    if env:
-        return _home_installation(Path(env))
-    found = _pytriton_installation()
-    if found is not None:
-        return found
-    if Path("/opt/tritonserver/bin/tritonserver").is_file():
-        return _home_installation(Path("/opt/tritonserver"))
-    raise TritonError(
-        "tritonserver not found: install the nvidia-pytriton wheel (pip install --no-deps nvidia-pytriton) "
-        f"or set {TRITON_HOME_ENV}"
-    )
-
-
-def libpython_dirs() -> list[Path]:
-    """Directories holding the running interpreter's own ``libpython3.X.so.1.0`` (first: LIBDIR)."""
-    soname = sysconfig.get_config_var("INSTSONAME") or f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
-    candidates = [Path(libdir), Path(libdir) / multiarch] if libdir else []
-    found: list[Path] = []
-    for d in candidates:
-        if (d / soname).exists() and d not in found:
-            found.append(d)
-    return found
-
-
-# --------------------------------------------------------------------------------------------
-# The stub site (numpy<2 for the python-backend stub)
-
-
-def default_stub_site() -> Path:
-    """``$TDIST_TRITON_STUB_SITE`` or ``<sys.prefix>/share/tdist/triton-stub-site-py3X``."""
-    env = os.environ.get(STUB_SITE_ENV)
-    if env:
-        return Path(env)
-    return Path(sys.prefix) / "share" / "tdist" / f"triton-stub-site-py{sys.version_info.major}{sys.version_info.minor}"
-
-
-def _stub_site_marker(requirements: tuple[str, ...]) -> dict[str, Any]:
-    return {"requirements": list(requirements), "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
-
-
-def stub_site_ok(path: str | os.PathLike[str], requirements: tuple[str, ...] = STUB_SITE_REQUIREMENTS) -> bool:
-    marker = Path(path) / ".tdist-stub-site.json"
-    try:
-        return json.loads(marker.read_text()) == _stub_site_marker(requirements)
-    except (OSError, ValueError):
-        return False
-
-
-def ensure_stub_site(
-    path: str | os.PathLike[str] | None = None,
-    requirements: tuple[str, ...] = STUB_SITE_REQUIREMENTS,
-    *,
-    timeout: float = 600.0,
-) -> Path:
-    """Make ``path`` (default :func:`default_stub_site`) a directory holding ``requirements``
-    (``pip install --target``) for the running Python version; idempotent and safe to run from
-    several processes at once. Returns the path. Raises :class:`TritonError` if pip fails."""
-    site = Path(path) if path is not None else default_stub_site()
-    if stub_site_ok(site, requirements):
-        return site
-    site.parent.mkdir(parents=True, exist_ok=True)
-    with open(site.parent / f".{site.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if stub_site_ok(site, requirements):
-            return site
-        tmp = Path(tempfile.mkdtemp(prefix=f".{site.name}-", dir=site.parent))
-        try:
-            cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                   "--no-warn-conflicts", "--no-input", "--target", str(tmp), *requirements]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-            except subprocess.TimeoutExpired as exc:
-                raise TritonError("pip did not finish building the stub site", path=str(site), timeout=timeout) from exc
-            if done.returncode != 0:
-                raise TritonError(
-                    "pip could not build the stub site", path=str(site), command=" ".join(cmd),
-                    output=(done.stdout + done.stderr)[-2000:],
-                )
-            (tmp / ".tdist-stub-site.json").write_text(json.dumps(_stub_site_marker(requirements)))
-            if site.exists():
-                shutil.rmtree(site)
-            os.rename(tmp, site)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return site
-
-
-# --------------------------------------------------------------------------------------------
-# Model configuration overrides
-
-
-def read_model_config(repository: str | os.PathLike[str], name: str) -> dict[str, Any]:
-    """``<repository>/<name>/config.pbtxt`` as the JSON dict Triton's repository API takes
-    (protobuf field names; needs ``protobuf`` and ``tritonclient[grpc]`` for the schema)."""
-    path = Path(repository) / name / "config.pbtxt"
-    try:
-        from google.protobuf import json_format, text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError as exc:
-        raise TritonError("config overrides need tritonclient[grpc] (protobuf and Triton's model_config schema)") from exc
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise TritonModelNotReady(f"model '{name}' has no config.pbtxt in the repository", path=str(path)) from exc
-    try:
-        message = text_format.Parse(text, model_config_pb2.ModelConfig())
-    except text_format.ParseError as exc:
-        raise TritonError(f"cannot parse config.pbtxt of model '{name}': {exc}", path=str(path)) from exc
-    config = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    config["name"] = name
-    return config
-
-
-def normalize_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Copy of ``overrides``; plain values under ``parameters`` become ``{"string_value": str(v)}``
-    (``{"delay": 0.1}`` means ``{"delay": {"string_value": "0.1"}}``)."""
-    out = copy.deepcopy(dict(overrides))
-    params = out.get("parameters")
-    if isinstance(params, Mapping):
-        out["parameters"] = {
-            str(k): (dict(v) if isinstance(v, Mapping) else {"string_value": _param_str(v)}) for k, v in params.items()
-        }
-    return out
-
-
-def _param_str(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep merge: mappings merge key by key, anything else (lists included) replaces."""
-    out = copy.deepcopy(dict(base))
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_config(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The server process
 
 
 @dataclass(frozen=True)
@@ -385,109 +166,9 @@ class TritonServerOptions:
             )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_free(host: str, port: int) -> bool:
-    if not port:
-        return False
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-_PARENT_CHECK = (
-    'p=$1; shift; if [ "$PPID" != "$p" ]; then '
-    'echo "tdist: the worker (pid $p) died before the parent-death signal was set" >&2; exit 111; fi; '
-    'exec "$@"'
-)
-"""Run by /bin/sh after ``setpriv --pdeathsig KILL``: a parent that died before the prctl would not
-signal us, so check it is still our parent, then exec Triton (same PID)."""
-
-_WATCHDOG = """
-import os, select, signal, sys
-fd, pid = int(sys.argv[1]), int(sys.argv[2])
-try:
-    pidfd = os.pidfd_open(pid)
-except OSError:
-    sys.exit(0)
-ready, _, _ = select.select([fd, pidfd], [], [])
-if pidfd in ready:
-    sys.exit(0)
-try:
-    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    os.killpg(pid, signal.SIGKILL)
-except OSError:
-    pass
-"""
-"""The fallback guard: argv ``<read fd> <triton pid>``. The worker holds the pipe's only write end:
-EOF (the worker died, whatever the signal) SIGKILLs Triton by pidfd, then its process group (the
-python-backend stubs); Triton exiting first ends the watchdog without a kill."""
-
-_setpriv_path: str | None | bool = False
-
-
-def setpriv_with_pdeathsig() -> str | None:
-    """Path of util-linux ``setpriv`` if it has ``--pdeathsig`` (util-linux >= 2.33), else None. Cached."""
-    global _setpriv_path
-    if _setpriv_path is False:
-        path = shutil.which("setpriv")
-        found: str | None = None
-        if path:
-            try:
-                done = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=10,
-                                      stdin=subprocess.DEVNULL)
-                found = path if "--pdeathsig" in done.stdout + done.stderr else None
-            except (OSError, subprocess.TimeoutExpired):
-                found = None
-        _setpriv_path = found
-    assert _setpriv_path is not False
-    return _setpriv_path
-
-
 def grpc_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """HTTP-form control headers as the metadata Triton's gRPC frontend checks."""
     return {k if k.startswith(GRPC_HEADER_PREFIX) else GRPC_HEADER_PREFIX + k: v for k, v in headers.items()}
-
-
-def _proc_stat_fields(pid: int) -> list[bytes]:
-    """Fields of /proc/<pid>/stat after the command name (index 0 is field 3, ``state``)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return f.read().rsplit(b")", 1)[1].split()
-
-
-def _scrub_argv(pid: int, secret: str) -> bool:
-    """Overwrite every copy of ``secret`` in the argv memory of process ``pid`` with ``*`` (same
-    length, NULs kept), through /proc/<pid>/mem; True when /proc/<pid>/cmdline no longer holds it.
-    Needs ptrace access to ``pid`` (our own child: same user). Only bytes inside the argument area
-    (``arg_start``..``arg_end``, fields 48 and 49 of /proc/<pid>/stat) that equal the secret are written."""
-    needle = secret.encode()
-    if not needle:
-        return True
-    try:
-        fields = _proc_stat_fields(pid)
-        start, end = int(fields[45]), int(fields[46])
-        if not 0 < start < end:
-            return False
-        with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
-            mem.seek(start)
-            area = mem.read(end - start)
-            at = area.find(needle)
-            while at >= 0:
-                mem.seek(start + at)
-                mem.write(b"*" * len(needle))
-                at = area.find(needle, at + len(needle))
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return needle not in f.read()
-    except (OSError, ValueError, IndexError):
-        return False
 
 
 def _connect_host(host: str) -> str:
@@ -797,10 +478,10 @@ class TritonServer:
         self._prefix = f"tdist_triton_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         # Free ports when asked for 0; a restart keeps the previous ones if they are still free.
         if not o.http_port:
-            keep = not fresh_ports and _port_free(o.host, self.http_port)
+            keep = not fresh_ports and port_free(o.host, self.http_port)
             self.http_port = self.http_port if keep else free_port(o.host)
         if not o.grpc_port:
-            keep = not fresh_ports and _port_free(o.host, self.grpc_port)
+            keep = not fresh_ports and port_free(o.host, self.grpc_port)
             self.grpc_port = self.grpc_port if keep else 0
             while not self.grpc_port or self.grpc_port == self.http_port:
                 self.grpc_port = free_port(o.host)
@@ -1061,125 +742,11 @@ class _BindFailed(Exception):
         self.log = log
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def cleanup_stale() -> int:
-    """Remove what servers of SIGKILLed parents left: tritonserver processes and python-backend
-    stubs whose command line names a ``tdist_triton_<pid>_`` region (the parent-death guard kills
-    Triton, not its stubs, which then live on as orphans; and a server whose parent died in the
-    instant between its spawn and its watchdog's), scratch dirs ``<tmp>/tdist-triton-<pid>-*`` and python-backend shared
-    memory ``/dev/shm/tdist_triton_<pid>_*``, each only when ``<pid>`` is gone. Runs at every
-    start; returns how many stubs and entries it removed."""
-    removed = 0
-    for pid in _orphan_server_pids() + _stub_pids("tdist_triton_", orphans_only=True):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-            removed += 1
-    for base, prefix, sep in ((tempfile.gettempdir(), "tdist-triton-", "-"), ("/dev/shm", "tdist_triton_", "_")):
-        try:
-            entries = os.listdir(base)
-        except OSError:
-            continue
-        for entry in entries:
-            if not entry.startswith(prefix):
-                continue
-            pid_text = entry[len(prefix):].split(sep, 1)[0]
-            if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
-                continue
-            path = os.path.join(base, entry)
-            try:
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-                removed += 1
-            except OSError:
-                pass
-    return removed
-
-
-def _orphan_server_pids() -> list[int]:
-    """PIDs of tritonserver processes started by a ``TritonServer`` whose owner process is gone
-    (recognised by the ``shm-region-prefix-name=tdist_triton_<owner pid>_`` option we give them)."""
-    pids: list[int] = []
-    marker = b"--backend-config=python,shm-region-prefix-name=tdist_triton_"
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return pids
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if not argv or not argv[0].endswith(b"/tritonserver"):
-            continue
-        for arg in argv[1:]:
-            if arg.startswith(marker):
-                owner = arg[len(marker):].split(b"_", 1)[0]
-                if owner.isdigit() and int(owner) != os.getpid() and not _pid_alive(int(owner)):
-                    pids.append(int(entry))
-                break
-    return pids
-
-
-def _stub_pids(prefix: str, orphans_only: bool = False) -> list[int]:
-    """PIDs of python-backend stubs whose command line names a shm region starting with ``prefix``
-    (one server's: ``tdist_triton_<pid>_<start>_``). ``orphans_only``: only those whose region names
-    a ``tdist_triton_<pid>_`` owner that is gone (and not ours)."""
-    pids: list[int] = []
-    needle = prefix.encode()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return pids
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if not argv or not argv[0].endswith(_STUB_NAME.encode()):
-            continue
-        names = [a for a in argv[1:] if a.startswith(needle)]
-        if not names:
-            continue
-        if orphans_only:
-            owner = names[0][len(b"tdist_triton_"):].split(b"_", 1)[0]
-            if not owner.isdigit() or int(owner) == os.getpid() or _pid_alive(int(owner)):
-                continue
-        pids.append(int(entry))
-    return pids
-
-
 __all__ = [
     "CONTROL_HEADER",
     "GRPC_HEADER_PREFIX",
     "RESTRICTED_APIS",
-    "STUB_SITE_REQUIREMENTS",
-    "TRITON_PYTHONPATH_ENV",
-    "TritonInstallation",
     "TritonServer",
     "TritonServerOptions",
-    "cleanup_stale",
-    "default_stub_site",
-    "ensure_stub_site",
-    "find_triton",
-    "free_port",
     "grpc_headers",
-    "merge_config",
-    "normalize_overrides",
-    "read_model_config",
-    "stub_site_ok",
 ]
