@@ -19,7 +19,7 @@ from urllib.parse import unquote
 
 from tdist.errors import ConfigError
 from tdist.logs import get_logger
-from tdist.request_plane.subjects import check_name
+from tdist.names import check_name
 
 
 RESERVED_PREFIX = "_"

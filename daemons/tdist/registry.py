@@ -31,10 +31,10 @@ from nats.js.api import KeyValueConfig
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from tdist import names
 from tdist.config import RequestPlaneConfig
 from tdist.errors import RegistryError
 from tdist.logs import get_logger
-from tdist.request_plane import subjects
 
 log = get_logger("tdist.registry")
 
@@ -147,13 +147,13 @@ class Registry:
 
     @classmethod
     async def open(cls, js: JetStreamContext, rp: RequestPlaneConfig, *, create: bool = False) -> Registry:
-        bucket = subjects.workers_bucket(rp.namespace)
+        bucket = names.workers_bucket(rp.namespace)
         return cls(js, await open_bucket(js, bucket, replicas=rp.replicas, create=create), rp, create=create)
 
     async def reopen(self) -> None:
         """After a reconnect: the bucket again (a restarted server may have lost it), then every
         open watch from a fresh snapshot."""
-        self.kv = await open_bucket(self.js, subjects.workers_bucket(self.namespace), replicas=self.rp.replicas,
+        self.kv = await open_bucket(self.js, names.workers_bucket(self.namespace), replicas=self.rp.replicas,
                                     create=self._create)
         await self.resync_watches()
 
@@ -163,7 +163,7 @@ class Registry:
 
     async def put(self, info: WorkerInfo) -> None:
         """Write (or refresh) an entry; it expires ``info.ttl`` seconds after this call."""
-        await put_with_ttl(self.js, subjects.workers_bucket(self.namespace), info.id, info.to_json(), info.ttl)
+        await put_with_ttl(self.js, names.workers_bucket(self.namespace), info.id, info.to_json(), info.ttl)
 
     async def delete(self, worker_id: str) -> None:
         await self.kv.delete(worker_id)

@@ -16,13 +16,14 @@ import nats.aio.msg
 import numpy as np
 import pytest
 
+from tdist import names
 from tdist.agent.daemon import RPC_TIMEOUT
 from tdist.client import Client
 from tdist.request_plane.deploy import deploy
 from tdist.config import NatsConfig, RequestPlaneConfig
 from tdist.errors import NatsServerError
 from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
-from tdist.request_plane import protocol, subjects
+from tdist.request_plane import protocol
 from tests.integration.test_agent_lifetime import one_line
 from tests.support.agent import AgentProcess, agent_toml, cleanup, free_port, processes_of, signal_quietly
 
@@ -169,7 +170,7 @@ async def test_a_stopped_worker_fails_the_canary_and_is_restarted_without_losing
         # (listing keys made one per node per second).
         nc = await nats.connect(nats_server.url)
         creates: list[str] = []
-        bucket_stream = f"KV_{subjects.workers_bucket(namespace)}"
+        bucket_stream = f"KV_{names.workers_bucket(namespace)}"
 
         async def on_api(msg: nats.aio.msg.Msg) -> None:
             if bucket_stream in msg.subject:

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from tdist import names
 from tdist.client import Client
 from tdist.errors import (
     Cancelled,
@@ -18,7 +19,7 @@ from tdist.errors import (
     OperatorNotFound,
     PayloadTooLarge,
 )
-from tdist.request_plane import protocol, subjects
+from tdist.request_plane import protocol
 from tests.conftest import operator
 
 pytestmark = pytest.mark.timeout(120)
@@ -188,7 +189,7 @@ async def test_malformed_messages_get_error_responses_and_worker_keeps_serving(c
     nc = client.caller.nc
     inbox = nc.new_inbox()
     sub = await nc.subscribe(f"{inbox}.>")
-    subject = subjects.request_subject(rp.namespace, "count", 1)
+    subject = names.request_subject(rp.namespace, "count", 1)
     # A readable prefix with a broken header: the worker can answer it.
     reply = f"{inbox}.r.abc123"
     prefix = b"TD\x01Q" + len(reply).to_bytes(2, "little") + reply.encode()

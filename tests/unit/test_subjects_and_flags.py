@@ -1,4 +1,4 @@
-"""NATS names (tdist.request_plane.subjects), the tdist-worker flags, and the worker state machine."""
+"""NATS names (tdist.names), the tdist-worker flags, and the worker state machine."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from tdist import names
 from tdist.config import LoggingConfig, NatsConfig, OperatorConfig, RequestPlaneConfig
 from tdist.errors import ConfigError
-from tdist.request_plane import subjects
 from tdist.worker.main import build_parser, parse_operator_flag, resolve
 from tdist.worker.states import InvalidTransition, WorkerState, check_transition
 
@@ -29,67 +29,67 @@ def nats_match(pattern: str, subject: str) -> bool:
 
 @pytest.mark.parametrize("name", ["a", "echo", "Echo_v2", "tok-enize", "0", "x" * 64])
 def test_valid_names(name: str) -> None:
-    assert subjects.check_name("operator", name) == name
+    assert names.check_name("operator", name) == name
 
 
 @pytest.mark.parametrize("name", ["", "a.b", "a b", "a*", "a>", "x" * 65, "é", "a/b", "a\n", None, 5])
 def test_invalid_names(name: object) -> None:
     with pytest.raises(ConfigError, match="must be 1-64 characters") as info:
-        subjects.check_name("operator", name)  # type: ignore[arg-type]
+        names.check_name("operator", name)  # type: ignore[arg-type]
     assert info.value.key == "operator"
 
 
 def test_check_name_key_can_differ_from_kind() -> None:
     with pytest.raises(ConfigError) as info:
-        subjects.check_name("worker name", "a.b", key="name")
+        names.check_name("worker name", "a.b", key="name")
     assert info.value.key == "name"
     assert "worker name 'a.b'" in info.value.message
 
 
 def test_subjects() -> None:
-    assert subjects.stream_name("demo") == "TDIST_demo"
-    assert subjects.stream_subjects("demo") == ["tdist.demo.req.>"]
-    assert subjects.request_subject("demo", "echo", 2) == "tdist.demo.req.echo.2"
-    assert subjects.directed_subject("demo", "echo", 2, "w-1") == "tdist.demo.req.echo.2.w-1"
-    assert subjects.cancel_subject("demo", "r1") == "tdist.demo.cancel.r1"
-    assert subjects.shared_consumer("echo", 2) == "echo_v2"
-    assert subjects.directed_consumer("w-1") == "direct_w-1"
+    assert names.stream_name("demo") == "TDIST_demo"
+    assert names.stream_subjects("demo") == ["tdist.demo.req.>"]
+    assert names.request_subject("demo", "echo", 2) == "tdist.demo.req.echo.2"
+    assert names.directed_subject("demo", "echo", 2, "w-1") == "tdist.demo.req.echo.2.w-1"
+    assert names.cancel_subject("demo", "r1") == "tdist.demo.cancel.r1"
+    assert names.shared_consumer("echo", 2) == "echo_v2"
+    assert names.directed_consumer("w-1") == "direct_w-1"
 
 
 def test_every_request_subject_is_in_the_stream() -> None:
-    (stream_filter,) = subjects.stream_subjects("demo")
-    assert nats_match(stream_filter, subjects.request_subject("demo", "echo", 1))
-    assert nats_match(stream_filter, subjects.directed_subject("demo", "echo", 1, "w-1"))
-    assert not nats_match(stream_filter, subjects.cancel_subject("demo", "r1"))
-    assert not nats_match(stream_filter, subjects.request_subject("other", "echo", 1))
+    (stream_filter,) = names.stream_subjects("demo")
+    assert nats_match(stream_filter, names.request_subject("demo", "echo", 1))
+    assert nats_match(stream_filter, names.directed_subject("demo", "echo", 1, "w-1"))
+    assert not nats_match(stream_filter, names.cancel_subject("demo", "r1"))
+    assert not nats_match(stream_filter, names.request_subject("other", "echo", 1))
 
 
 def test_directed_filter_matches_directed_subjects_of_its_worker_only() -> None:
-    pattern = subjects.directed_filter("demo", "w-1")
+    pattern = names.directed_filter("demo", "w-1")
     assert pattern == "tdist.demo.req.*.*.w-1"
-    assert nats_match(pattern, subjects.directed_subject("demo", "echo", 1, "w-1"))
-    assert nats_match(pattern, subjects.directed_subject("demo", "tokenize", 7, "w-1"))
-    assert not nats_match(pattern, subjects.directed_subject("demo", "echo", 1, "w-2"))
-    assert not nats_match(pattern, subjects.directed_subject("other", "echo", 1, "w-1"))
+    assert nats_match(pattern, names.directed_subject("demo", "echo", 1, "w-1"))
+    assert nats_match(pattern, names.directed_subject("demo", "tokenize", 7, "w-1"))
+    assert not nats_match(pattern, names.directed_subject("demo", "echo", 1, "w-2"))
+    assert not nats_match(pattern, names.directed_subject("other", "echo", 1, "w-1"))
     # The shared subject has one token less, so the directed consumer never takes shared requests.
-    assert not nats_match(pattern, subjects.request_subject("demo", "echo", 1))
+    assert not nats_match(pattern, names.request_subject("demo", "echo", 1))
 
 
 def test_shared_subject_does_not_match_directed_requests() -> None:
-    shared = subjects.request_subject("demo", "echo", 1)
+    shared = names.request_subject("demo", "echo", 1)
     assert nats_match(shared, shared)
-    assert not nats_match(shared, subjects.directed_subject("demo", "echo", 1, "w-1"))
+    assert not nats_match(shared, names.directed_subject("demo", "echo", 1, "w-1"))
 
 
 def test_cancel_wildcard_matches_cancel_subjects() -> None:
-    assert nats_match(subjects.cancel_wildcard("demo"), subjects.cancel_subject("demo", "r-42"))
-    assert not nats_match(subjects.cancel_wildcard("demo"), subjects.cancel_subject("other", "r-42"))
+    assert nats_match(names.cancel_wildcard("demo"), names.cancel_subject("demo", "r-42"))
+    assert not nats_match(names.cancel_wildcard("demo"), names.cancel_subject("other", "r-42"))
 
 
 def test_bucket_and_advisory_names() -> None:
-    assert subjects.workers_bucket("demo") == "tdist_demo_workers"
-    assert subjects.nodes_bucket("demo") == "tdist_demo_nodes"
-    assert subjects.max_deliveries_advisory("demo") == "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TDIST_demo.*"
+    assert names.workers_bucket("demo") == "tdist_demo_workers"
+    assert names.nodes_bucket("demo") == "tdist_demo_nodes"
+    assert names.max_deliveries_advisory("demo") == "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TDIST_demo.*"
 
 
 # --- --operator -----------------------------------------------------------------------

@@ -58,6 +58,7 @@ from urllib.parse import urlparse
 import numpy as np
 from nats.aio.client import Client as NatsClient
 
+from tdist import names
 from tdist import __version__
 from tdist.agent.config import AgentConfig, AgentWorkerConfig, load_agent_config
 from tdist.agent.gpus import GpuInfo, describe_gpus, detect_gpus
@@ -79,7 +80,6 @@ from tdist.logs import get_logger
 from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
 from tdist.registry import RegistryWatch, WorkerInfo, open_bucket, put_with_ttl
 from tdist.request_plane.deploy import ensure_namespace
-from tdist.request_plane import subjects
 
 
 log = get_logger("tdist.agent")
@@ -294,7 +294,7 @@ class Agent:
         if kept:
             self.status.stream_mismatch = kept
         js, ns = self.nc.jetstream(), self.config.request_plane.namespace
-        self._nodes_kv = await open_bucket(js, subjects.nodes_bucket(ns), replicas=self.config.request_plane.replicas)
+        self._nodes_kv = await open_bucket(js, names.nodes_bucket(ns), replicas=self.config.request_plane.replicas)
         self.watch = (await self.client.registry()).watch()
         await self.watch.__aenter__()
 
@@ -480,7 +480,7 @@ class Agent:
             "unhealthy": sorted(self.status.unhealthy),
         }
         ns = self.config.request_plane.namespace
-        await put_with_ttl(self.nc.jetstream(), subjects.nodes_bucket(ns), self.config.node.name,
+        await put_with_ttl(self.nc.jetstream(), names.nodes_bucket(ns), self.config.node.name,
                            json.dumps(node).encode(), NODE_TTL)
 
     async def _workers_kv_delete(self, worker_id: str) -> None:
@@ -582,7 +582,7 @@ class Agent:
             return
         marked = dataclasses.replace(entry, state="unhealthy")
         ns = self.config.request_plane.namespace
-        await put_with_ttl(self.nc.jetstream(), subjects.workers_bucket(ns), program.worker_id, marked.to_json(),
+        await put_with_ttl(self.nc.jetstream(), names.workers_bucket(ns), program.worker_id, marked.to_json(),
                            entry.ttl)
 
     def _worker_config(self, program: Program) -> AgentWorkerConfig:

@@ -44,7 +44,7 @@ from tdist.config import NatsConfig, RequestPlaneConfig, read_secret_file
 from tdist.errors import ConfigError, TdistError
 from tdist.progress import Progress
 from tdist.registry import WorkerInfo
-from tdist.request_plane.subjects import check_name
+from tdist.names import check_name
 
 PROG = "tdist-client"
 CHECKED = ("encoder_decoder", "encoder", "decoder")

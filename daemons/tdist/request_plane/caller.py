@@ -35,7 +35,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
+from tdist import names
 from tdist.config import RequestPlaneConfig
 from tdist.errors import (
     Cancelled,
@@ -61,7 +62,7 @@ from nats.js.errors import NotFoundError
 from tdist.data_plane.descriptor import TensorRef
 from tdist.logs import get_logger
 from tdist.data_plane.plane import LazyDataPlane, needs_reference
-from tdist.request_plane import protocol, streams, subjects
+from tdist.request_plane import protocol, streams
 
 log = get_logger("tdist.caller")
 
@@ -233,7 +234,7 @@ class Caller:
         self._by_seq: dict[int, str] = {}
         self._known_operators: dict[tuple[str, int], float] = {}
         self._subs: list[Subscription] = []
-        self._stream = subjects.stream_name(rp.namespace)
+        self._stream = names.stream_name(rp.namespace)
         self._unacked: dict[str, _Pending] = {}
         """Requests published and not yet stored (no PubAck)."""
         self._suspect: dict[str, _Pending] = {}
@@ -247,7 +248,7 @@ class Caller:
 
     async def start(self) -> Caller:
         self._subs.append(await self.nc.subscribe(f"{self._inbox}.>", cb=self._on_inbox))
-        self._subs.append(await self.nc.subscribe(subjects.max_deliveries_advisory(self.rp.namespace), cb=self._on_advisory))
+        self._subs.append(await self.nc.subscribe(names.max_deliveries_advisory(self.rp.namespace), cb=self._on_advisory))
         self._upkeep = asyncio.get_running_loop().create_task(self._run_upkeep())
         return self
 
@@ -282,7 +283,7 @@ class Caller:
         seen = self._known_operators.get(key)
         if seen is not None and time.monotonic() - seen < _KNOWN_OPERATOR_TTL:
             return True
-        exists = await streams.consumer_exists(self.js, self._stream, subjects.shared_consumer(operator, version))
+        exists = await streams.consumer_exists(self.js, self._stream, names.shared_consumer(operator, version))
         if exists:
             self._known_operators[key] = time.monotonic()
         return exists
@@ -303,9 +304,9 @@ class Caller:
     ) -> ResponseStream:
         """Publish one request. Fails at once on a bad name, an oversize message or
         (unless ``wait_for_operator``) an operator nobody has ever served."""
-        subjects.check_name("operator", operator)
+        names.check_name("operator", operator)
         if target_worker is not None:
-            subjects.check_name("worker id", target_worker)
+            names.check_name("worker id", target_worker)
         now = time.time()
         if deadline is None:
             deadline = now + (timeout if timeout is not None else self.rp.default_timeout)
@@ -350,9 +351,9 @@ class Caller:
                 operator=operator,
             )
         subject = (
-            subjects.directed_subject(self.rp.namespace, operator, version, target_worker)
+            names.directed_subject(self.rp.namespace, operator, version, target_worker)
             if target_worker
-            else subjects.request_subject(self.rp.namespace, operator, version)
+            else names.request_subject(self.rp.namespace, operator, version)
         )
         pending = _Pending(request_id, operator, deadline, subject, data, refs)
         self._pending[request_id] = pending
@@ -452,7 +453,7 @@ class Caller:
             return
         pending.done = True
         try:
-            await self.nc.publish(subjects.cancel_subject(self.rp.namespace, request_id), b"")
+            await self.nc.publish(names.cancel_subject(self.rp.namespace, request_id), b"")
         except Exception:
             return
         if pending.stream_seq is not None:

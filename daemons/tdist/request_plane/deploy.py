@@ -19,10 +19,11 @@ from collections.abc import Sequence
 
 from nats.aio.client import Client as NatsClient
 
+from tdist import names
 from tdist.config import NatsConfig, RequestPlaneConfig, load_connection_file
 from tdist.errors import TdistError
 from tdist.registry import open_bucket
-from tdist.request_plane import streams, subjects
+from tdist.request_plane import streams
 from tdist.request_plane.connection import close_connection, connect
 
 
@@ -30,7 +31,7 @@ async def ensure_namespace(nc: NatsClient, rp: RequestPlaneConfig) -> list[str]:
     """Create the namespace's stream and buckets where missing; returns the differences kept."""
     js = nc.jetstream()
     kept = await streams.ensure_stream(js, rp, nc.max_payload)
-    for bucket in (subjects.workers_bucket(rp.namespace), subjects.nodes_bucket(rp.namespace)):
+    for bucket in (names.workers_bucket(rp.namespace), names.nodes_bucket(rp.namespace)):
         await open_bucket(js, bucket, replicas=rp.replicas, create=True)
     return kept
 

@@ -22,9 +22,9 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
+from tdist import names
 from tdist.config import RequestPlaneConfig
 from tdist.logs import get_logger
-from tdist.request_plane import subjects
 
 log = get_logger("tdist.streams")
 
@@ -37,9 +37,9 @@ MAX_ACK_PENDING = 100_000
 
 def stream_config(rp: RequestPlaneConfig, max_payload: int) -> StreamConfig:
     return StreamConfig(
-        name=subjects.stream_name(rp.namespace),
+        name=names.stream_name(rp.namespace),
         description=f"tdist requests of namespace {rp.namespace}",
-        subjects=subjects.stream_subjects(rp.namespace),
+        subjects=names.stream_subjects(rp.namespace),
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE if rp.storage == "file" else StorageType.MEMORY,
         num_replicas=rp.replicas,
@@ -102,8 +102,8 @@ def _work_consumer(rp: RequestPlaneConfig, name: str, filter_subject: str, *, ma
 def shared_consumer_config(rp: RequestPlaneConfig, operator: str, version: int) -> ConsumerConfig:
     return _work_consumer(
         rp,
-        subjects.shared_consumer(operator, version),
-        subjects.request_subject(rp.namespace, operator, version),
+        names.shared_consumer(operator, version),
+        names.request_subject(rp.namespace, operator, version),
         max_waiting=4096,
         idle=SHARED_CONSUMER_IDLE,
     )
@@ -112,8 +112,8 @@ def shared_consumer_config(rp: RequestPlaneConfig, operator: str, version: int) 
 def directed_consumer_config(rp: RequestPlaneConfig, worker_id: str) -> ConsumerConfig:
     return _work_consumer(
         rp,
-        subjects.directed_consumer(worker_id),
-        subjects.directed_filter(rp.namespace, worker_id),
+        names.directed_consumer(worker_id),
+        names.directed_filter(rp.namespace, worker_id),
         max_waiting=512,
         idle=DIRECTED_CONSUMER_IDLE,
     )

@@ -38,6 +38,7 @@ from typing import Any
 import structlog
 from nats.aio.msg import Msg
 
+from tdist import names
 from tdist.client import CallLink, RemoteOperator
 from tdist.config import PING_OPERATOR, DataPlaneConfig, NatsConfig, OperatorConfig, RequestPlaneConfig, WorkerConfig
 from tdist.data_plane.descriptor import TensorRef
@@ -55,7 +56,7 @@ from tdist.logs import get_logger
 from tdist.operators import Operator, Request, load_operator_class
 from tdist.operators.builtin import Ping
 from tdist.registry import OperatorInfo, Registry, WorkerInfo
-from tdist.request_plane import protocol, streams, subjects
+from tdist.request_plane import protocol, streams
 from tdist.request_plane.puller import Puller
 from tdist.runtime import Runtime, bounded
 from tdist.worker.replay import FinalResponses
@@ -183,7 +184,7 @@ class Worker:
         self.request_log = request_log
         """One summary line per request at info (``[logging] request_log``)."""
         self.id = worker_id or f"{config.name}-{uuid.uuid4().hex[:10]}"
-        subjects.check_name("worker id", self.id)
+        names.check_name("worker id", self.id)
         self.state = WorkerState.STARTING
         self.started_at = time.time()
         self.runtime = Runtime(nats, request_plane, data_plane or DataPlaneConfig(), component_id=self.id,
@@ -201,7 +202,7 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._maintenance: list[asyncio.Task[None]] = []
-        self._stream = subjects.stream_name(request_plane.namespace)
+        self._stream = names.stream_name(request_plane.namespace)
         self.replayed = 0
         """Repeated requests answered from the kept final response, without running them."""
         self.duplicates = 0
@@ -239,7 +240,7 @@ class Worker:
             await self.data_plane.get()  # publish a data-plane address from the start
             await self.runtime.start()
             self.registry = await self.runtime.registry()
-            await self.nc.subscribe(subjects.cancel_wildcard(self.rp.namespace), cb=self._on_cancel)
+            await self.nc.subscribe(names.cancel_wildcard(self.rp.namespace), cb=self._on_cancel)
             await self._declare_consumers()
             await self._start_pullers()
             self.runtime.on_recover(self._recover)
@@ -272,13 +273,13 @@ class Worker:
 
     async def _start_pullers(self) -> None:
         for runner in self.runners.values():
-            consumer = subjects.shared_consumer(runner.config.name, runner.config.version)
+            consumer = names.shared_consumer(runner.config.name, runner.config.version)
             runner.puller = Puller(
                 self.nc, self._stream, consumer, lambda m, r=runner: self._accept(m, r), runner.top_up
             )
             await runner.puller.start()
         self._directed = Puller(
-            self.nc, self._stream, subjects.directed_consumer(self.id), self._accept_directed, self._top_up_directed
+            self.nc, self._stream, names.directed_consumer(self.id), self._accept_directed, self._top_up_directed
         )
         await self._directed.start()
 

@@ -8,6 +8,9 @@ One work-queue stream per namespace holds every operator's requests:
 All workers of an operator share one durable pull consumer filtered on the
 first subject; each worker also has its own consumer on the second.
 Cancellations are core NATS messages on ``tdist.<ns>.cancel.<request_id>``.
+
+Pure naming, at the bottom of the imports: config (name checks), the request plane,
+the registry and the agent all take their names from here.
 """
 
 from __future__ import annotations
