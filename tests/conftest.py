@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import pytest
 
 from tdist.config import NatsConfig, RequestPlaneConfig
 from tdist.nats_server import EmbeddedNatsServer
+from tdist.worker.spawn import spawn_worker
 
 TESTS = Path(__file__).resolve().parent
 OPERATORS = TESTS / "support" / "operators.py"
@@ -75,7 +75,6 @@ class WorkerProcesses:
               extra: list[str] | None = None) -> WorkerProcess:
         worker_id = f"{name}-{uuid.uuid4().hex[:8]}"
         cmd = [
-            sys.executable, "-m", "tdist.worker.main",
             "--nats-url", self.nats_url,
             "--namespace", self.rp.namespace,
             "--ack-wait", str(self.rp.ack_wait),
@@ -84,22 +83,14 @@ class WorkerProcesses:
             "--worker-id", worker_id,
             "--registry-ttl", str(registry_ttl),
             "--drain-timeout", str(drain_timeout),
-            "--log-file", str(self.log_dir / f"{worker_id}.log"),
         ]
         for op in operators:
             cmd += ["--operator", op]
         cmd += extra or []
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        wp = WorkerProcess(proc, worker_id)
+        spawned = spawn_worker(cmd, self.log_dir / f"{worker_id}.log")
+        assert spawned.worker_id == worker_id
+        wp = WorkerProcess(spawned.proc, worker_id)
         self.procs.append(wp)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # the worker prints one line once it serves
-        if not line:
-            proc.wait(10)
-            log = (self.log_dir / f"{worker_id}.log")
-            raise RuntimeError(f"worker {worker_id} exited with {proc.returncode}: "
-                               f"{log.read_text() if log.exists() else ''}")
-        assert json.loads(line)["worker_id"] == worker_id
         return wp
 
     def kill(self, wp: WorkerProcess, sig: int = signal.SIGKILL) -> None:

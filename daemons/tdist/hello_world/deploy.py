@@ -13,7 +13,6 @@ it then runs ``tdist-client`` with the rest of the arguments, drains everything
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -29,6 +28,7 @@ from urllib.parse import urlparse
 from tdist.config import load_worker_file, read_toml
 from tdist.errors import ConfigError
 from tdist.process import free_port
+from tdist.worker.spawn import spawn_worker
 from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
 
 
@@ -49,19 +49,9 @@ def worker_entries(config: str) -> list[tuple[str, int]]:
 
 
 def start_worker(config: str, name: str, index: int, nats_url: str, log_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    log = log_dir / f"{name}.{index}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tdist.worker.main", "--config", config, "--worker", name, "--nats-url", nats_url,
-         "--log-file", str(log)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait()
-        tail = log.read_text()[-3000:] if log.exists() else ""
-        raise RuntimeError(f"worker {name}.{index} exited with {proc.returncode}; its log ({log}):\n{tail}")
-    return proc, json.loads(line)["worker_id"]
+    worker = spawn_worker(["--config", config, "--worker", name, "--nats-url", nats_url],
+                          log_dir / f"{name}.{index}.log")
+    return worker.proc, worker.worker_id
 
 
 def serve_or_run_client(nats_url: str, namespace: str, client_args: list[str] | None) -> int:
