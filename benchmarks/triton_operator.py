@@ -14,29 +14,20 @@ medians over rounds are reported. Target (DESIGN.md): tdist p50 <= 1.5x direct p
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import numpy as np
 
+import _common as common
 from tdist import logs
 from tdist.client import Client
 from tdist.config import NatsConfig
-from tdist.nats_server import EmbeddedNatsServer
 from tdist.triton import TritonClient
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL_REPOSITORY = ROOT / "model_repository"
+MODEL_REPOSITORY = common.ROOT / "model_repository"
 ELEMENTS = 1000
 NAMESPACE = "bench"
 
@@ -44,37 +35,13 @@ NAMESPACE = "bench"
 def start_worker(url: str, log_file: str) -> subprocess.Popen[str]:
     op = (f"name=encoder,implementation=tdist.operators.triton:TritonOperator,max_inflight=4,"
           f"param.model_repository={MODEL_REPOSITORY}")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tdist.worker.main", "--nats-url", url, "--namespace", NAMESPACE, "--name", "encoder",
-         "--operator", op, "--log-file", log_file, "--log-level", "warning"],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    if not proc.stdout.readline():
-        proc.wait()
-        tail = Path(log_file).read_text()[-3000:] if Path(log_file).exists() else ""
-        raise RuntimeError(f"tdist worker exited with {proc.returncode}; its log:\n{tail}")
-    return proc
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return out
+    return common.spawn_worker(["--nats-url", url, "--namespace", NAMESPACE, "--name", "encoder", "--operator", op,
+                                "--log-level", "warning"], log_file)[0]
 
 
 def triton_grpc_address(worker_pid: int) -> str:
     """host:port of the gRPC endpoint of the tritonserver the worker started (its child)."""
-    for child in children(worker_pid):
+    for child in common.children(worker_pid):
         try:
             with open(f"/proc/{child}/cmdline", "rb") as f:
                 argv = [a.decode() for a in f.read().split(b"\0") if a]
@@ -88,18 +55,6 @@ def triton_grpc_address(worker_pid: int) -> str:
             host = "127.0.0.1"
         return f"{host}:{opts['grpc-port']}"
     raise RuntimeError(f"no tritonserver child of worker pid {worker_pid}")
-
-
-async def serial(call: Callable[[], Awaitable[None]], n: int, warmup: int) -> float:
-    """p50 latency in seconds of ``n`` calls made one after another."""
-    for _ in range(warmup):
-        await call()
-    lat = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await call()
-        lat.append(time.perf_counter() - t0)
-    return statistics.median(lat)
 
 
 async def measure(url: str, grpc_address: str, rounds: int, n: int, warmup: int) -> dict[str, list[float]]:
@@ -120,51 +75,33 @@ async def measure(url: str, grpc_address: str, rounds: int, n: int, warmup: int)
             assert np.array_equal(r.outputs["output"], expected)
 
         for r in range(rounds):
-            results["direct_p50"].append(await serial(direct, n, warmup))
-            results["tdist_p50"].append(await serial(via_tdist, n, warmup))
+            results["direct_p50"].append(await common.serial(direct, n, warmup))
+            results["tdist_p50"].append(await common.serial(via_tdist, n, warmup))
             print(f"round {r + 1}: direct p50 {results['direct_p50'][-1] * 1e3:.3f} ms, "
                   f"tdist p50 {results['tdist_p50'][-1] * 1e3:.3f} ms", file=sys.stderr)
     return results
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = common.parser(__doc__)
     parser.add_argument("--requests", type=int, default=500, help="measured requests per run")
     parser.add_argument("--warmup", type=int, default=100, help="unmeasured requests before each run")
     args = parser.parse_args()
     logs.configure("warning")
-    print(f"Triton operator (encoder, {ELEMENTS} int64, one at a time): {os.cpu_count()} cores, "
-          f"{args.requests} requests per run after {args.warmup} warm-up, concurrency 1, {args.rounds} rounds",
-          flush=True)
-    with tempfile.TemporaryDirectory(prefix="tdist-bench-") as tmp:
-        server = EmbeddedNatsServer()
-        worker: subprocess.Popen[str] | None = None
-        try:
-            server.start()
-            worker = start_worker(server.url, f"{tmp}/worker.log")
-            address = triton_grpc_address(worker.pid)
-            res = asyncio.run(measure(server.url, address, args.rounds, args.requests, args.warmup))
-        finally:
-            if worker is not None:
-                worker.terminate()
-                try:
-                    worker.wait(60)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
-                if worker.stdout:
-                    worker.stdout.close()
-            server.stop()
-    med = {k: statistics.median(v) for k, v in res.items()}
+    common.print_conditions(f"Triton operator (encoder, {ELEMENTS} int64, one at a time): {args.requests} requests "
+                            f"per run after {args.warmup} warm-up, concurrency 1, {args.rounds} rounds")
+    with tempfile.TemporaryDirectory(prefix="tdist-bench-") as tmp, common.nats_server() as server, \
+            common.Children() as procs:
+        worker = procs.add(start_worker(server.url, f"{tmp}/worker.log"))
+        address = triton_grpc_address(worker.pid)
+        res = asyncio.run(measure(server.url, address, args.rounds, args.requests, args.warmup))
+    med = {k: common.median(v) for k, v in res.items()}
     summary = {
         "benchmark": "triton_operator",
         "elements": ELEMENTS,
         "requests": args.requests,
         "rounds": args.rounds,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
+        **common.conditions(),
         "direct_p50_ms": round(med["direct_p50"] * 1e3, 3),
         "tdist_p50_ms": round(med["tdist_p50"] * 1e3, 3),
         "overhead_ratio": round(med["tdist_p50"] / med["direct_p50"], 3),
@@ -172,8 +109,7 @@ def main() -> int:
     print(f"{'':22}{'tritonclient gRPC':>20}{'tdist':>12}{'ratio':>10}{'target':>10}")
     print(f"{'p50, 1 in flight':22}{summary['direct_p50_ms']:>17.3f} ms{summary['tdist_p50_ms']:>9.3f} ms"
           f"{summary['overhead_ratio']:>10.2f}{'<= 1.5':>10}")
-    if args.json:
-        print(json.dumps(summary))
+    common.emit_json(summary, args.json)
     return 0
 
 
