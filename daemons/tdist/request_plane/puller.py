@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -69,14 +70,25 @@ class Puller:
         self.consumer_missing = False
         await self.start()
 
-    async def request(self, batch: int) -> None:
-        """Ask the server for up to ``batch`` more messages (not while disconnected)."""
+    def ask(self, batch: int) -> Coroutine[Any, Any, None] | None:
+        """Count ``batch`` more messages as asked for now, and return the publish that asks the
+        server (None: nothing to ask, or disconnected).
+
+        The count is taken at once, not when the publish runs: several slots freed in one pass
+        of the event loop would otherwise each ask for the same free slots."""
         if batch <= 0 or self._sub is None or not self._nc.is_connected:
-            return
+            return None
         self._outstanding += batch
         self._last_request = time.monotonic()
         body = json.dumps({"batch": batch, "expires": int(self._expires * 1e9)}).encode()
-        await self._nc.publish(self._next_subject, body, reply=self._inbox)
+        return self._publish(body, batch)
+
+    async def _publish(self, body: bytes, batch: int) -> None:
+        try:
+            await self._nc.publish(self._next_subject, body, reply=self._inbox)
+        except Exception as exc:  # not sent: nothing will come for it
+            self._outstanding = max(0, self._outstanding - batch)
+            log.info("pull_request_not_sent", consumer=self.consumer, error=str(exc))
 
     def forget_stale(self) -> None:
         """Every pull request has expired by now: a count left over was lost (a reconnect)."""

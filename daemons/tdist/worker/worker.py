@@ -74,6 +74,8 @@ FINAL_SETTLE = 1.0
 """After a reconnect, wait this long before sending held finals: callers reconnect too."""
 DIRECTED_HELD_MAX = 16
 """Directed requests held (waiting for a slot or running) before the worker stops pulling more."""
+HELD_CAP = 2
+"""Messages an operator may hold (waiting for a slot or running), in units of its max_inflight."""
 NAK_DELAY_NS = 1_000_000_000
 """A message delivered beyond an operator's slots is handed back with this redelivery delay."""
 
@@ -153,7 +155,9 @@ class OperatorRunner:
         outstanding = puller.outstanding
         want = self.config.max_inflight - self.held - outstanding
         if want >= self._min_batch or (want > 0 and outstanding == 0):
-            self.worker.spawn(puller.request(want))
+            asking = puller.ask(want)
+            if asking is not None:
+                self.worker.spawn(asking)
 
     def info(self) -> OperatorInfo:
         return OperatorInfo(self.config.name, self.config.version, self.config.max_inflight, self.running)
@@ -287,7 +291,9 @@ class Worker:
         directed = self._directed
         if (directed is not None and self.state is WorkerState.SERVING and directed.outstanding == 0
                 and self._directed_held < DIRECTED_HELD_MAX):
-            self.spawn(directed.request(1))
+            asking = directed.ask(1)
+            if asking is not None:
+                self.spawn(asking)
 
     def _top_up_all(self) -> None:
         for runner in self.runners.values():
@@ -476,9 +482,12 @@ class Worker:
     # -- serving -------------------------------------------------------------
 
     def _accept(self, msg: Msg, runner: OperatorRunner, *, directed: bool = False) -> None:
-        if not directed and runner.held >= runner.config.max_inflight:
-            # More than our slots (a pull of an earlier connection): hand it to another worker.
+        if not directed and runner.held >= HELD_CAP * runner.config.max_inflight:
+            # Far more than our slots (the pull accounting lost track): hand it to another worker.
+            # Each hand-back costs the request one delivery attempt, so this is a last resort.
             self.handed_back += 1
+            log.warning("message_handed_back", operator=runner.config.name, held=runner.held,
+                        outstanding=runner.puller.outstanding if runner.puller else None)
             self.spawn(self._ack(msg, b'-NAK {"delay": %d}' % NAK_DELAY_NS))
             return
         held = _Held(msg, runner, directed)
