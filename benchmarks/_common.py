@@ -32,6 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tdist.worker import spawn as worker_spawn
+
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -198,44 +200,20 @@ class Children:
         self.stop_all()
 
 
-def start_worker(args: Sequence[str], log_file: str | None = None, *, cwd: Path = ROOT) -> subprocess.Popen[str]:
-    """``python -m tdist.worker.main ARGS`` (plus ``--log-file``), not yet waited for."""
-    cmd = [sys.executable, "-m", "tdist.worker.main", *args]
-    if log_file:
-        cmd += ["--log-file", log_file]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd=cwd)
+def start_worker(args: Sequence[str], log_file: str, *, cwd: Path = ROOT) -> subprocess.Popen[str]:
+    """``python -m tdist.worker.main ARGS --log-file LOG_FILE``, not yet waited for."""
+    return worker_spawn.start_worker(args, log_file, cwd=cwd)
 
 
-def wait_worker_ready(proc: subprocess.Popen[str], log_file: str | None = None, what: str = "tdist worker") -> str:
-    """Block until the worker prints its ready line; its worker id. Raises with the log's tail."""
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    try:
-        event = json.loads(line)
-        if event.get("event") == "worker_ready":
-            return str(event["worker_id"])
-    except (ValueError, AttributeError, KeyError):
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
-    tail = ""
-    if log_file and Path(log_file).exists():
-        tail = Path(log_file).read_text(errors="replace")[-3000:]
-    raise RuntimeError(f"{what} (pid {proc.pid}) did not start: printed {line!r}, exit {proc.poll()}; "
-                       f"its log:\n{tail}")
+def wait_worker_ready(proc: subprocess.Popen[str], log_file: str, what: str = "tdist worker") -> str:
+    """Block until the worker prints its ready line; its worker id (raises with its log's tail)."""
+    return worker_spawn.wait_ready(proc, log_file)
 
 
-def spawn_worker(args: Sequence[str], log_file: str | None = None, *, cwd: Path = ROOT
-                 ) -> tuple[subprocess.Popen[str], str]:
-    """Start a worker and wait for its ready line; (process, worker id). Stopped on failure."""
-    proc = start_worker(args, log_file, cwd=cwd)
-    try:
-        return proc, wait_worker_ready(proc, log_file)
-    except BaseException:
-        stop(proc, 30)
-        raise
+def spawn_worker(args: Sequence[str], log_file: str, *, cwd: Path = ROOT) -> tuple[subprocess.Popen[str], str]:
+    """Start a worker and wait for its ready line; (process, worker id)."""
+    worker = worker_spawn.spawn_worker(args, log_file, cwd=cwd)
+    return worker.proc, worker.worker_id
 
 
 def start_helper(code: str, *args: str) -> subprocess.Popen[str]:

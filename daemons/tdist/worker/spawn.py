@@ -43,21 +43,34 @@ class SpawnedWorker:
         return int(self.proc.returncode)
 
 
-def spawn_worker(args: Sequence[str], log_file: str | Path, *, env: Mapping[str, str] | None = None,
-                 python: str = sys.executable) -> SpawnedWorker:
-    """Run ``python -m tdist.worker.main ARGS --log-file LOG_FILE``; return once it serves."""
-    log = Path(log_file)
-    proc = subprocess.Popen([python, "-m", "tdist.worker.main", *args, "--log-file", str(log)],
-                            stdout=subprocess.PIPE, text=True, env=dict(env) if env is not None else None)
+def start_worker(args: Sequence[str], log_file: str | Path, *, env: Mapping[str, str] | None = None,
+                 python: str = sys.executable, cwd: str | Path | None = None) -> subprocess.Popen[str]:
+    """Run ``python -m tdist.worker.main ARGS --log-file LOG_FILE``; not yet waited for (start
+    several, then ``wait_ready`` each: they start side by side)."""
+    return subprocess.Popen([python, "-m", "tdist.worker.main", *args, "--log-file", str(log_file)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                            env=dict(env) if env is not None else None, cwd=cwd)
+
+
+def wait_ready(proc: subprocess.Popen[str], log_file: str | Path) -> str:
+    """Block until the worker prints its ready line; its worker id. A worker that exits first
+    (or prints something else) is stopped and ``WorkerStartFailed`` carries its log's tail."""
     assert proc.stdout is not None
     line = proc.stdout.readline()
     try:
-        worker_id = str(json.loads(line)["worker_id"])
+        return str(json.loads(line)["worker_id"])
     except (ValueError, KeyError, TypeError):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        tail = log.read_text()[-3000:] if log.exists() else ""
-        raise WorkerStartFailed(f"worker exited with {proc.returncode} before serving; its log ({log}):\n{tail}") \
-            from None
-    return SpawnedWorker(proc, worker_id, log)
+        log = Path(log_file)
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise WorkerStartFailed(f"worker exited with {proc.returncode} before serving (it printed {line!r:.200}); "
+                                f"its log ({log}):\n{tail}") from None
+
+
+def spawn_worker(args: Sequence[str], log_file: str | Path, *, env: Mapping[str, str] | None = None,
+                 python: str = sys.executable, cwd: str | Path | None = None) -> SpawnedWorker:
+    """Start one worker and return once it serves."""
+    proc = start_worker(args, log_file, env=env, python=python, cwd=cwd)
+    return SpawnedWorker(proc, wait_ready(proc, log_file), Path(log_file))
