@@ -296,3 +296,40 @@ def test_drop_log_counts_everything_and_logs_each_reason_once_per_interval(monke
     assert [(kw["reason"], kw["count"]) for _, kw in logged] == [
         ("unknown_tag", 1), ("malformed_request", 1), ("unknown_tag", 100)
     ]
+
+
+def test_the_fresh_flag_rides_on_the_command() -> None:
+    from tdist.data_plane.ucx import FRESH
+
+    req = parse_request(encode_request(1 | FRESH, "00" * 16, 1, 2, V1))
+    assert (req.command, req.fresh) == (1, True)
+    assert parse_request(encode_request(3, "00" * 16, 1, 2, V1)).fresh is False
+    with pytest.raises(BadRequest, match="unknown command"):
+        parse_request(encode_request(4 | FRESH, "00" * 16, 1, 2, V1))
+
+
+async def test_retire_gives_new_users_a_new_endpoint_and_closes_the_old_once_unused() -> None:
+    fake = FakeEndpoints()
+    cache = fake.cache()
+    busy = await cache.acquire(b"a", 1)
+    cache.retire(b"a")
+    assert fake.aborted == []
+    fresh = await cache.acquire(b"a", 1)
+    assert fresh is not busy
+    cache.release(busy)
+    assert fake.aborted == ["ep1:a"]
+    cache.release(fresh)
+    cache.retire(b"a")  # unused: closed at once
+    assert fake.aborted == ["ep1:a", "ep2:a"]
+    cache.retire(b"nothing")  # no endpoint: nothing to do
+
+
+async def test_an_endpoint_ucx_reports_dead_is_replaced() -> None:
+    fake = FakeEndpoints()
+    dead: set[str] = set()
+    cache = EndpointCache(fake.create, fake.abort, 4, 10.0, alive=lambda ep: ep not in dead)
+    first = await cache.acquire(b"a", 1)
+    cache.release(first)
+    dead.add(first.ep)
+    second = await cache.acquire(b"a", 1)
+    assert second is not first and fake.aborted == [first.ep]

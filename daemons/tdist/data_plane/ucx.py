@@ -25,10 +25,16 @@ size, malformed, for unknown tags, or beyond the handler bound are discarded and
 
 Endpoints live in one bounded cache per process (``EndpointCache``, keyed by address):
 least recently used ones beyond ``endpoint_cache_size`` and ones idle longer than
-``endpoint_idle_timeout`` are closed. A pull that fails or times out retires its endpoint:
-later pulls open a fresh one, and the old one is closed once the pulls still using it
-finish, so one slow pull never fails the healthy ones beside it. Every wait is bounded:
-a dead peer gives ``PeerUnreachable`` after the timeout.
+``endpoint_idle_timeout`` are closed, and so are ones UCX reports dead. A pull that times out
+retires its endpoint: later pulls open a fresh one, and the old one is closed once the pulls
+still using it finish, so one slow pull never fails the healthy ones beside it. Every wait is
+bounded: a dead peer gives ``PeerUnreachable`` after the timeout.
+
+UCX pairs the endpoints two processes make to each other (by creation order), and a large
+answer sent over an endpoint whose partner the other process closed is cancelled on arrival
+(measured: the consumer sees ``UCXXCanceledError``, the owner's send hangs). Closing is not
+announced to the partner, so a consumer that sees a failure other than a timeout asks once
+more with the FRESH flag, and the owner answers that over a new endpoint.
 
 UCX has one context per process, so the transport is shared by every data plane
 of the process (tests run several workers in one process): a request is served
@@ -71,6 +77,8 @@ MAX_HANDLERS = 512
 """Requests served at once; more are discarded (the consumer's pull times out) rather than queued."""
 _OK, _NOT_FOUND, _FAILED = 0, 1, 2
 _GET, _REFERENCE, _RELEASE = 1, 2, 3  # plane.GET, REFERENCE, RELEASE (plane imports this module lazily)
+FRESH = 0x80
+"""Command flag: answer over a new endpoint (the consumer saw its answer cancelled, see ``_call``)."""
 
 
 def _configure_ucx_env(error_handling: bool) -> None:
@@ -115,6 +123,7 @@ class Request:
     consumer_id: int
     reply_tag: int
     address: bytes
+    fresh: bool = False
 
 
 def new_reply_tag() -> int:
@@ -133,14 +142,15 @@ def parse_request(data: bytes) -> Request:
     """The request in ``data`` (the whole message, exactly), or ``BadRequest``."""
     if not _REQUEST.size < len(data) <= REQUEST_MAX:
         raise BadRequest(f"length {len(data)} is not {_REQUEST.size + 1}..{REQUEST_MAX}")
-    command, raw_id, consumer_id, reply_tag, addr_len = _REQUEST.unpack_from(data)
+    flagged, raw_id, consumer_id, reply_tag, addr_len = _REQUEST.unpack_from(data)
+    command = flagged & ~FRESH
     if command not in (_GET, _REFERENCE, _RELEASE):
-        raise BadRequest(f"unknown command {command}")
+        raise BadRequest(f"unknown command {flagged}")
     if _REQUEST.size + addr_len != len(data):
         raise BadRequest(f"address length {addr_len} disagrees with the message length {len(data)}")
     if reply_tag & 1 or reply_tag in (REQUEST_TAG - 1, REQUEST_TAG & ~1) or reply_tag == (1 << 64) - 2:
         raise BadRequest(f"reply tag {reply_tag:#x} is not one a consumer makes")
-    return Request(command, raw_id.hex(), consumer_id, reply_tag, bytes(data[_REQUEST.size :]))
+    return Request(command, raw_id.hex(), consumer_id, reply_tag, bytes(data[_REQUEST.size :]), bool(flagged & FRESH))
 
 
 # -- endpoints (pure bookkeeping over two callables) -------------------------------
@@ -168,9 +178,11 @@ class EndpointCache:
     closes one. Neither may block."""
 
     def __init__(self, create: Callable[[bytes], Awaitable[Any]], abort: Callable[[Any], None], max_size: int,
-                 idle_timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 idle_timeout: float, clock: Callable[[], float] = time.monotonic,
+                 alive: Callable[[Any], bool] = lambda ep: True) -> None:
         self._create = create
         self._abort = abort
+        self._alive = alive
         self.max_size = max_size
         self.idle_timeout = idle_timeout
         self._clock = clock
@@ -188,6 +200,12 @@ class EndpointCache:
     async def acquire(self, key: bytes, timeout: float) -> Endpoint:
         """The endpoint for ``key``, counted as in use until ``release``."""
         entry = self._live.get(key)
+        if entry is not None and entry.future.done() and (
+                entry.future.cancelled() or entry.future.exception() is not None or not self._alive(entry.future.result())):
+            self._retire(entry)  # failed, or closed by the peer (or UCX): make a fresh one
+            if entry.users == 0:
+                self._close(entry)
+            entry = None
         if entry is None:
             entry = Endpoint(key, asyncio.ensure_future(self._create(key)), users=1, last_used=self._clock())
             self._live[key] = entry
@@ -211,6 +229,14 @@ class EndpointCache:
         if entry.retired and entry.users == 0:
             self._retired_busy.discard(entry)
             self._close(entry)
+
+    def retire(self, key: bytes) -> None:
+        """New users of ``key`` get a new endpoint; the current one closes once unused."""
+        entry = self._live.get(key)
+        if entry is not None:
+            self._retire(entry)
+            if entry.users == 0:
+                self._close(entry)
 
     def _retire(self, entry: Endpoint) -> None:
         if entry.retired:
@@ -322,7 +348,7 @@ class UcxTransport:
         self._my_id = secrets.randbits(64)
         self._checker: ucx_address.AddressChecker | None = None
         self.endpoints = EndpointCache(self._create_endpoint, self._abort_endpoint, self.config.endpoint_cache_size,
-                                       self.config.endpoint_idle_timeout)
+                                       self.config.endpoint_idle_timeout, alive=self._endpoint_alive)
         self.drops = DropLog()
         self._handlers: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -381,6 +407,10 @@ class UcxTransport:
     def _abort_endpoint(ep: Any) -> None:
         ep.abort()
 
+    @staticmethod
+    def _endpoint_alive(ep: Any) -> bool:
+        return ep._ep is not None and bool(ep._ep.alive)
+
     @property
     def timeout(self) -> float:
         return max(p.config.pull_timeout for p in self._planes) if self._planes else self.config.pull_timeout
@@ -399,9 +429,9 @@ class UcxTransport:
                 break
             length = int(probe.length)
             if not _REQUEST.size < length <= REQUEST_MAX:
-                self._discard(probe, "request_size", length=length)
+                self._discard(probe, "request_size")
             elif len(self._handlers) >= MAX_HANDLERS:
-                self._discard(probe, "server_busy", length=length)
+                self._discard(probe, "server_busy")
             else:
                 buf = np.empty(length, dtype=np.uint8)
                 received = driver.recv_probed(probe, buf)
@@ -412,12 +442,18 @@ class UcxTransport:
             probe = driver.probe(None)
             if not probe.matched:
                 break
-            self._discard(probe, "unknown_tag", tag=f"{int(probe.sender_tag):#x}", length=int(probe.length))
+            self._discard(probe, "unknown_tag")
 
     def _discard(self, probe: Any, reason: str, **context: Any) -> None:
+        """Receive a probed message into a few bytes (UCX truncates and frees it) and count it."""
         assert self._driver is not None
         done = self._driver.recv_probed(probe, np.empty(_DISCARD_BYTES, dtype=np.uint8))
         done.add_done_callback(_consume)
+        try:
+            context.setdefault("length", int(probe.length))
+            context.setdefault("tag", f"{int(probe.sender_tag.value):#x}")
+        except Exception:  # only context for the log line
+            pass
         self.drops.note(reason, **context)
 
     async def _handle(self, received: asyncio.Future[None], buf: np.ndarray) -> None:
@@ -459,6 +495,8 @@ class UcxTransport:
         if new_id:
             header[2], header[3] = struct.unpack("<QQ", new_id)
         timeout = self.timeout
+        if request.fresh:
+            self.endpoints.retire(request.address)
         try:
             entry = await self.endpoints.acquire(request.address, timeout)
         except ucx_address.BadAddress as exc:
@@ -489,6 +527,12 @@ class UcxTransport:
     # -- consumer side --------------------------------------------------------
 
     async def _call(self, address: str, cmd: int, tensor_id: str, timeout: float, out: Any = None) -> np.ndarray:
+        """One command to the owner at ``address``, all of it within ``timeout``.
+
+        A failure that is not a timeout is tried once more with the FRESH flag: UCX pairs the
+        two processes' endpoints, and an owner whose reply endpoint is paired with one this
+        process closed (a retired or idle endpoint) gets its large answers cancelled here;
+        FRESH makes it answer over a new endpoint."""
         try:
             raw_id = bytes.fromhex(tensor_id)
             if len(raw_id) != 16:
@@ -500,51 +544,64 @@ class UcxTransport:
         except (binascii.Error, ValueError, TypeError):
             raise DataPlaneError(f"the owner's data-plane address of tensor {tensor_id} is not base64",
                                  tensor_id=tensor_id) from None
-        driver = self._driver_or_fail()
-        tag = new_reply_tag()
-        request = np.frombuffer(encode_request(cmd, tensor_id, self._my_id, tag, self._my_address), dtype=np.uint8)
-        header = np.zeros(4, dtype=np.uint64)
-        entry = None
-        failed = False
         try:
             async with asyncio.timeout(timeout):
-                entry = await self.endpoints.acquire(key, timeout)
-                # Receives first: the answer is matched on arrival and never waits in UCX's
-                # unexpected queue, where the server's poller discards strangers' messages.
-                got_header = driver.recv_on(entry.ep, header, tag)
-                got_data = driver.recv_on(entry.ep, out, tag + 1) if cmd == _GET else None
-                for fut in (got_header, got_data):
-                    if fut is not None:
-                        fut.add_done_callback(_consume)
-                await self._send(entry.ep, request, REQUEST_TAG)
-                await got_header
-                if got_data is not None:
-                    if header[0] == _OK and int(header[1]) != out.nbytes:
-                        await asyncio.gather(got_data, return_exceptions=True)  # let UCX finish with ``out``
-                        raise DataPlaneError(f"tensor {tensor_id} has {int(header[1])} bytes, expected {out.nbytes}",
-                                             tensor_id=tensor_id)
-                    await got_data
+                for attempt in (1, 2):
+                    entry = await self.endpoints.acquire(key, timeout)
+                    failed = True  # unless shown otherwise (a timeout cancels us anywhere below)
+                    try:
+                        header = await self._exchange(entry.ep, cmd, tensor_id, out, fresh=attempt > 1)
+                        failed = False
+                        break
+                    except DataPlaneError:
+                        failed = False
+                        raise
+                    except Exception as exc:
+                        failed = not self._endpoint_alive(entry.ep)
+                        if attempt > 1:
+                            raise
+                        log.info("data_plane_pull_retried", tensor_id=tensor_id, error=f"{type(exc).__name__}: {exc}")
+                    finally:
+                        self.endpoints.release(entry, failed=failed)
         except DataPlaneError:
             raise
         except ucx_address.BadAddress as exc:
             raise DataPlaneError(f"the owner's data-plane address of tensor {tensor_id} is malformed: {exc}",
                                  tensor_id=tensor_id) from None
         except TimeoutError:
-            failed = True
             raise PeerUnreachable(f"the owner of tensor {tensor_id} did not answer within {timeout} s",
                                   tensor_id=tensor_id) from None
         except Exception as exc:
-            failed = True
             raise PeerUnreachable(f"pull of tensor {tensor_id} failed: {type(exc).__name__}: {exc}",
                                   tensor_id=tensor_id) from exc
-        finally:
-            if entry is not None:
-                self.endpoints.release(entry, failed=failed)
         if header[0] == _NOT_FOUND:
             raise TensorNotFound(f"the owner has no tensor {tensor_id} (released, expired or never stored)",
                                  tensor_id=tensor_id)
         if header[0] != _OK:
             raise DataPlaneError(f"the owner refused command {cmd} for tensor {tensor_id}", tensor_id=tensor_id)
+        return header
+
+    async def _exchange(self, ep: Any, cmd: int, tensor_id: str, out: Any, *, fresh: bool) -> np.ndarray:
+        driver = self._driver_or_fail()
+        tag = new_reply_tag()
+        request = np.frombuffer(encode_request(cmd | (FRESH if fresh else 0), tensor_id, self._my_id, tag,
+                                               self._my_address), dtype=np.uint8)
+        header = np.zeros(4, dtype=np.uint64)
+        # Receives first: the answer is matched on arrival and never waits in UCX's
+        # unexpected queue, where the server's poller discards strangers' messages.
+        got_header = driver.recv_on(ep, header, tag)
+        got_data = driver.recv_on(ep, out, tag + 1) if cmd == _GET else None
+        for fut in (got_header, got_data):
+            if fut is not None:
+                fut.add_done_callback(_consume)
+        await self._send(ep, request, REQUEST_TAG)
+        await got_header
+        if got_data is not None:
+            if header[0] == _OK and int(header[1]) != out.nbytes:
+                await asyncio.gather(got_data, return_exceptions=True)  # let UCX finish with ``out``
+                raise DataPlaneError(f"tensor {tensor_id} has {int(header[1])} bytes, expected {out.nbytes}",
+                                     tensor_id=tensor_id)
+            await got_data
         return header
 
     def _driver_or_fail(self) -> EventDriver:
