@@ -333,3 +333,19 @@ async def test_an_endpoint_ucx_reports_dead_is_replaced() -> None:
     dead.add(first.ep)
     second = await cache.acquire(b"a", 1)
     assert second is not first and fake.aborted == [first.ep]
+
+
+def test_endpoint_cache_settings_are_read_and_checked(tmp_path: Any) -> None:
+    from tdist.config import load_worker_file
+    from tdist.errors import ConfigError
+
+    base = '[worker]\nname = "w"\n[[worker.operators]]\nname = "e"\nimplementation = "m:E"\n[data_plane]\n'
+    path = tmp_path / "w.toml"
+    path.write_text(base + "endpoint_cache_size = 16\nendpoint_idle_timeout = 30\n")
+    dp = load_worker_file(path).data_plane
+    assert (dp.endpoint_cache_size, dp.endpoint_idle_timeout) == (16, 30.0)
+    for bad, key in (("endpoint_cache_size = 0", "endpoint_cache_size"), ("endpoint_idle_timeout = 0", "endpoint_idle_timeout")):
+        path.write_text(base + bad + "\n")
+        with pytest.raises(ConfigError) as info:
+            load_worker_file(path)
+        assert info.value.key == f"data_plane.{key}"
