@@ -86,10 +86,24 @@ async def test_each_malformed_request_gets_one_error_and_leaves_the_stream(
                 got_all.set()
 
         sub = await nc.subscribe(f"{inbox}.>", cb=on_response)
+        injected: list[Any] = []
+
+        async def on_injected(msg: Any) -> None:
+            injected.append(msg)
+
+        evil = await nc.subscribe("evil.>", cb=on_injected)
         subject = subjects.request_subject(rp.namespace, "count", 1)
         for name, (fields, body) in CASES.items():
             await nc.publish(subject, frame(f"{inbox}.r.{name}", fields, body))
-        await nc.publish(subject, b"\x00garbage without a prefix")  # nobody to answer: still removed
+        # Nobody to answer, but each must still be removed, and none may reach NATS as a command:
+        unanswerable = [
+            b"\x00garbage without a prefix",
+            frame(f"{inbox}.r.x 0\r\nPUB evil.injected 5\r\nhello\r\nPUB {inbox}.r.y", *CASES["deadline_nan"]),
+            frame(f"{inbox}.r.>", *CASES["deadline_nan"]),
+            frame("evil.a b", *CASES["deadline_nan"]),
+        ]
+        for data in unanswerable:
+            await nc.publish(subject, data)
         await asyncio.wait_for(got_all.wait(), 60)
 
         # Gone from the stream, each delivered once: nothing was handed back for another try.
@@ -102,10 +116,12 @@ async def test_each_malformed_request_gets_one_error_and_leaves_the_stream(
             await asyncio.sleep(0.05)
         info = await js.consumer_info(stream, consumer)
         assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
-        assert info.delivered.consumer_seq == len(CASES) + 1
+        assert info.delivered.consumer_seq == len(CASES) + len(unanswerable)
         assert (await js.stream_info(stream)).state.messages == 0
         await nc.flush()
 
+        assert set(responses) == set(CASES) and injected == []
+        await evil.unsubscribe()
         for name in CASES:
             [resp] = responses[name]  # exactly one
             assert resp.kind == "error" and resp.error is not None, name

@@ -335,3 +335,29 @@ def test_an_unforeseen_decoder_failure_is_still_an_invalid_request(monkeypatch: 
     err = invalid(frame(request(tensors=[["x", "INT8", [1], 1]]), b"\x00"))
     assert err.message.startswith("undecodable request: RuntimeError: a case nobody checked")
     assert err.details == {"reply_to": REPLY}
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "_INBOX.x 0\r\nPUB evil.subject 5\r\nhello\r\nPUB y",  # protocol injection through the reply subject
+        "_INBOX.abc.>",
+        "_INBOX.*.r.1",
+        "a..b",
+        ".a",
+        "a.",
+        "a b",
+        "a\tb",
+        "a\x00b",
+        "x" * 513,
+    ],
+)
+def test_a_reply_inbox_that_is_not_a_plain_subject_is_never_answered(reply: str) -> None:
+    err = invalid(frame(request(), reply=reply.encode()))
+    assert "reply_to" not in err.details
+    assert "not a plain NATS subject" in err.message
+
+
+def test_plain_inboxes_are_accepted() -> None:
+    for reply in ("_INBOX.Zt5cYx2Q7L8pQ1.r.a1b2c3", "inbox", "a.b-c_d.e:f"):
+        assert decode_request(frame(request(), reply=reply.encode())).reply_to == reply

@@ -16,6 +16,7 @@ address is in the header's ``peers`` map, once per owner).
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -120,7 +121,8 @@ def _frame(kind: int, reply: str, header: dict[str, Any], arrays: Mapping[str, A
 def _unframe(data: bytes, want_kind: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
     reply = peek_reply(data)
     if reply is None:
-        raise InvalidRequest("not a tdist message (bad magic, version or truncated prefix)")
+        raise InvalidRequest("not a tdist message (bad magic, version, truncated prefix or a reply inbox "
+                             "that is not a plain NATS subject)")
     offset = _PREFIX.size + len(reply.encode())
     kind = data[3]
     if kind != want_kind:
@@ -178,17 +180,28 @@ def _unframe(data: bytes, want_kind: int) -> tuple[str, dict[str, Any], dict[str
     return reply, header, arrays
 
 
+MAX_REPLY_SUBJECT = 512
+_REPLY_SUBJECT = re.compile(r"[^\s\x00-\x1f\x7f.*>]+(?:\.[^\s\x00-\x1f\x7f.*>]+)*")
+"""A subject a worker may publish to: dot-separated non-empty tokens without whitespace, control
+characters or wildcards. nats-py writes the subject into the protocol line as it is, so a reply
+with "\r\n" in it would inject protocol commands into the worker's connection."""
+
+
 def peek_reply(data: bytes) -> str | None:
-    """The reply inbox of a frame, or None if even the fixed prefix is unreadable."""
+    """The reply inbox of a frame, or None if even the fixed prefix is unreadable or the inbox is
+    not a subject a worker may publish to ("" for responses, which have none)."""
     if len(data) < _PREFIX.size:
         return None
     magic, version, _kind, reply_len = _PREFIX.unpack_from(data, 0)
     if magic != MAGIC or version != VERSION or _PREFIX.size + reply_len > len(data):
         return None
     try:
-        return bytes(data[_PREFIX.size : _PREFIX.size + reply_len]).decode()
+        reply = bytes(data[_PREFIX.size : _PREFIX.size + reply_len]).decode()
     except UnicodeDecodeError:
         return None
+    if reply and (len(reply) > MAX_REPLY_SUBJECT or not _REPLY_SUBJECT.fullmatch(reply)):
+        return None
+    return reply
 
 
 def encode_request(msg: RequestMessage) -> bytes:
