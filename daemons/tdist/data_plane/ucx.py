@@ -214,6 +214,8 @@ class EndpointCache:
         else:
             self._live.move_to_end(key)
             entry.users += 1
+        if entry.future.done() and not entry.future.cancelled() and entry.future.exception() is None:
+            return entry  # the common case: no waiting, no task
         try:
             await asyncio.wait_for(asyncio.shield(entry.future), timeout)
         except BaseException:
