@@ -35,6 +35,8 @@ log = get_logger("tdist.ucx")
 SPIN = float(os.environ.get("TDIST_UCX_SPIN_US", "0")) * 1e-6
 """Keep polling this long after the last completion before sleeping: a transfer in flight
 (rendezvous, pipelined fragments) finishes far sooner when polled than when woken per event."""
+POLL_EVERY = 0.0005
+"""Seconds between probes for unexpected messages while transfers are in flight."""
 SAFETY_TICK = 1.0
 """Progress at least this often even without an event (as ucxx's own driver does)."""
 
@@ -64,6 +66,7 @@ class EventDriver:
         self.loop.add_reader(self._fd, self._wake.set)
         self._pending: list[tuple[Any, asyncio.Future[None], Any]] = []
         self._pollers: list[Callable[[], None]] = []
+        self._last_poll = 0.0
         self._last_activity = 0.0
         self._tasks = [self.loop.create_task(self._drive()), self.loop.create_task(self._tick())]
 
@@ -72,14 +75,22 @@ class EventDriver:
             await asyncio.sleep(SAFETY_TICK)
             self._wake.set()
 
+    def _run_pollers(self) -> None:
+        self._last_poll = time.perf_counter()
+        for poll in tuple(self._pollers):
+            try:
+                poll()
+            except Exception as exc:  # a poller's bug must not stop the progress of every transfer
+                log.error("ucx_poller_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
     async def _drive(self) -> None:
         while True:
             self.worker.progress()
-            for poll in tuple(self._pollers):
-                try:
-                    poll()
-                except Exception as exc:  # a poller's bug must not stop the progress of every transfer
-                    log.error("ucx_poller_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+            # While transfers move, the loop turns often: probe at most every POLL_EVERY then
+            # (each probe is a call into UCX), and always before going to sleep.
+            polled = not self._pending or time.perf_counter() - self._last_poll >= POLL_EVERY
+            if polled:
+                self._run_pollers()
             if self._pending:
                 still = []
                 for item in self._pending:
@@ -101,6 +112,12 @@ class EventDriver:
                 await asyncio.sleep(0)  # hot: a transfer is moving, keep polling a moment
                 continue
             if self.worker.arm():  # nothing left to progress: sleep until UCX has an event
+                if not polled:  # a message may wait unprobed: look before sleeping
+                    posted = len(self._pending)
+                    self._run_pollers()
+                    if len(self._pending) != posted:  # it took something: progress that first
+                        await asyncio.sleep(0)
+                        continue
                 self._wake.clear()
                 await self._wake.wait()
             else:
