@@ -192,8 +192,17 @@ class DataPlaneConfig:
     shared memory on one host (about twice the bandwidth), but a peer killed in the middle of
     a transfer can abort or stall the other process (measured; see README). One setting for
     every process of a deployment."""
+    endpoint_cache_size: int = 256
+    """The most UCX endpoints a process keeps open to peers (least recently used ones beyond it
+    are closed once no transfer uses them)."""
+    endpoint_idle_timeout: float = 300.0
+    """Seconds an endpoint may go unused before it is closed (reopened on the next pull)."""
 
     def __post_init__(self) -> None:
+        if self.endpoint_cache_size < 1:
+            raise ConfigError("must be at least 1", key="data_plane.endpoint_cache_size")
+        if self.endpoint_idle_timeout <= 0:
+            raise ConfigError("must be positive", key="data_plane.endpoint_idle_timeout")
         if self.inline_threshold < 0:
             raise ConfigError("must not be negative", key="data_plane.inline_threshold")
         if self.store_bytes < 1:
@@ -399,6 +408,8 @@ def parse_data_plane(t: _Table) -> DataPlaneConfig:
         lease=_num(t.get("lease", (int, float))),
         pull_timeout=_num(t.get("pull_timeout", (int, float))),
         endpoint_error_handling=t.get("endpoint_error_handling", bool),
+        endpoint_cache_size=t.get("endpoint_cache_size", int),
+        endpoint_idle_timeout=_num(t.get("endpoint_idle_timeout", (int, float))),
     )
 
 

@@ -33,6 +33,13 @@ _WIRE = {name: dt.newbyteorder("<") for name, dt in TRITON_TO_NUMPY.items() if n
 """Wire dtypes (little-endian), computed once: these lookups sit on every request's path."""
 _LEN = struct.Struct("<I")
 
+MAX_DIMS = 64
+"""numpy's limit (NPY_MAXDIMS); a shape with more dimensions is refused before numpy sees it."""
+MAX_SPAN = 1 << 56
+"""The most elements a shape may describe once its zero dimensions count as one. numpy refuses
+(ValueError) any shape whose non-zero dimensions times the item size pass 2**63, even an empty
+one such as ``[0, 2**62]``; this bound keeps every dtype (8-byte items at most) well inside."""
+
 
 def triton_dtype(array: np.ndarray) -> str:
     """The Triton dtype name of a numpy array (object/bytes/str arrays are BYTES)."""
@@ -56,19 +63,38 @@ def to_bytes(array: np.ndarray, dtype: str) -> bytes | memoryview:
     return memoryview(arr.reshape(-1)).cast("B")  # 1-D first: cast() refuses zeros in a multi-dim shape
 
 
+def check_shape(shape: Any) -> int:
+    """The element count of a shape received from a peer; ``InvalidRequest`` unless it is a list or
+    tuple of at most ``MAX_DIMS`` plain non-negative ints (no bools) spanning at most ``MAX_SPAN``."""
+    if not isinstance(shape, (list, tuple)):
+        raise InvalidRequest(f"bad shape {shape!r}: not a list of dimensions", shape=repr(shape)[:200])
+    if len(shape) > MAX_DIMS:
+        raise InvalidRequest(f"bad shape: {len(shape)} dimensions, at most {MAX_DIMS} allowed",
+                             shape=list(shape[:MAX_DIMS]) + ["..."])
+    count = span = 1
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 0:  # bool is an int
+            raise InvalidRequest(f"bad shape {list(shape)}: dimensions must be non-negative integers",
+                                 shape=[d if type(d) is int else repr(d)[:40] for d in shape])
+        dim = int(dim)
+        count *= dim
+        span *= max(dim, 1)
+        if span > MAX_SPAN:
+            raise InvalidRequest(f"bad shape {list(shape)}: more than {MAX_SPAN} elements", shape=list(shape))
+    return count
+
+
 def from_bytes(buf: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A read-only array over ``buf``; validates that the sizes agree."""
+    """A read-only array over ``buf``; validates the dtype, the shape and that the sizes agree.
+    Every refusal is an ``InvalidRequest``; nothing is allocated before the sizes are checked."""
     if dtype == "BYTES":
         np_dtype = TRITON_TO_NUMPY[dtype]
     else:
         np_dtype = _WIRE.get(dtype)  # type: ignore[assignment]
         if np_dtype is None:
-            raise InvalidRequest(f"unknown Triton dtype {dtype!r}", dtype=dtype)
-    count = 1
-    for dim in shape:
-        if not isinstance(dim, int) or dim < 0:
-            raise InvalidRequest(f"bad shape {list(shape)}", shape=list(shape))
-        count *= dim
+            raise InvalidRequest(f"unknown Triton dtype {dtype!r:.40}", dtype=str(dtype)[:40])
+    count = check_shape(shape)
+    shape = tuple(int(d) for d in shape)
     if dtype == "BYTES":
         return deserialize_bytes_tensor(buf, shape, count)
     expected = count * np_dtype.itemsize
@@ -92,6 +118,9 @@ def serialize_bytes_tensor(array: np.ndarray) -> bytes:
 
 def deserialize_bytes_tensor(buf: bytes | memoryview, shape: tuple[int, ...], count: int) -> np.ndarray:
     view = memoryview(buf)
+    if count * _LEN.size > len(view):  # every element has a 4-byte length: checked before any work
+        raise InvalidRequest(f"BYTES tensor is truncated: {count} elements need at least {count * _LEN.size} bytes, "
+                             f"got {len(view)}", shape=list(shape))
     items: list[bytes] = []
     pos = 0
     for _ in range(count):

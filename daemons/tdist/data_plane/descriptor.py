@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from tdist import tensors
+from tdist.errors import InvalidRequest
+
 MEMORY_TYPES = ("CPU", "GPU")
+MAX_DEVICE_ID = 1023
+MAX_ADDRESS_CHARS = 8192
+"""A data-plane address is a base64 UCX worker address (a few hundred bytes here); far longer is garbage."""
+_OWNER = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+"""Component ids: worker ids are 1-64 of [A-Za-z0-9_-], client ids ``client-<hex>``."""
+_TENSOR_ID = re.compile(r"[0-9a-f]{32}")
+"""Tensor ids are 16 random bytes in lowercase hex (``store.new_tensor_id``)."""
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +54,36 @@ class TensorRef:
         return out
 
     @classmethod
-    def from_wire(cls, meta: dict[str, Any], dtype: str, shape: tuple[int, ...], nbytes: int,
-                  peers: dict[str, str]) -> TensorRef:
-        owner = str(meta["owner"])
-        memory_type = str(meta.get("mem", "CPU"))
+    def from_wire(cls, meta: Any, dtype: Any, shape: Any, nbytes: Any, peers: Any) -> TensorRef:
+        """A descriptor from a message header, checked field by field: ``InvalidRequest`` names the
+        first field that is wrong. The dtype must be known, the shape sane, the byte size agree
+        with them (fixed-size dtypes) and the ids and address look like what this code makes."""
+        if not isinstance(meta, dict):
+            raise InvalidRequest(f"reference descriptor is not an object: {meta!r:.80}")
+        if not isinstance(dtype, str) or dtype not in tensors.TRITON_TO_NUMPY:
+            raise InvalidRequest(f"unknown Triton dtype {dtype!r:.40}")
+        count = tensors.check_shape(shape)
+        if type(nbytes) is not int or nbytes < 0:
+            raise InvalidRequest(f"byte size {nbytes!r:.40} is not a non-negative integer")
+        if dtype == "BYTES":
+            if nbytes < 4 * count:  # each element has a 4-byte length
+                raise InvalidRequest(f"BYTES{list(shape)} needs at least {4 * count} bytes, the descriptor says {nbytes}")
+        elif nbytes != count * tensors.TRITON_TO_NUMPY[dtype].itemsize:
+            raise InvalidRequest(f"{dtype}{list(shape)} has {count * tensors.TRITON_TO_NUMPY[dtype].itemsize} bytes, "
+                                 f"the descriptor says {nbytes}")
+        owner, tensor_id = meta.get("owner"), meta.get("ref")
+        if not isinstance(owner, str) or not _OWNER.fullmatch(owner):
+            raise InvalidRequest(f"owner {owner!r:.80} is not a component id")
+        if not isinstance(tensor_id, str) or not _TENSOR_ID.fullmatch(tensor_id):
+            raise InvalidRequest(f"tensor id {tensor_id!r:.80} is not 32 lowercase hex digits")
+        memory_type = meta.get("mem", "CPU")
         if memory_type not in MEMORY_TYPES:
-            raise ValueError(f"unknown memory type {memory_type!r}")
-        return cls(owner, str(peers[owner]), str(meta["ref"]), dtype, shape, nbytes, memory_type,
-                   int(meta.get("dev", 0)))
+            raise InvalidRequest(f"unknown memory type {memory_type!r:.40}")
+        device_id = meta.get("dev", 0)
+        if type(device_id) is not int or not 0 <= device_id <= MAX_DEVICE_ID:
+            raise InvalidRequest(f"device id {device_id!r:.40} is not an integer in 0..{MAX_DEVICE_ID}")
+        address = peers.get(owner) if isinstance(peers, dict) else None
+        if (not isinstance(address, str) or len(address) > MAX_ADDRESS_CHARS or len(address) % 4
+                or not _BASE64.fullmatch(address)):
+            raise InvalidRequest(f"no valid data-plane address for owner {owner!r} in the message's peers")
+        return cls(owner, address, tensor_id, dtype, tuple(int(d) for d in shape), nbytes, memory_type, device_id)

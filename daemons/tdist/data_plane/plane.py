@@ -160,7 +160,9 @@ class DataPlane:
     async def pull(self, ref: TensorRef, memory_type: str = "CPU", *, out: Any = None) -> Any:
         """The tensor's value in ``memory_type`` ("CPU" gives numpy, "GPU" gives cupy).
 
-        ``out``: a contiguous buffer of ``ref.nbytes`` bytes to receive into (reused memory)."""
+        ``out``: a contiguous buffer of ``ref.nbytes`` bytes to receive into (reused memory). A late
+        answer is discarded, but one already arriving when a pull times out finishes its write
+        into ``out``: after ``PeerUnreachable`` give UCX a moment before reusing it."""
         if memory_type == "GPU" and not gpu_available():
             raise DataPlaneError("GPU memory asked for, but this process has no usable GPU (cupy/CUDA)",
                                  tensor_id=ref.tensor_id)

@@ -11,6 +11,13 @@ It uses ucxx's Cython layer (``tag_send``/``tag_recv`` returning requests with
 ``completed``/``check_error``) and takes over the progress tasks ucxx made for
 the loop. Requests keep their buffers alive until UCX is done with them, so a
 timed-out receive can never write into freed memory.
+
+Messages nobody posted a receive for (a server's requests, anything a stranger sends)
+are not received blindly: after every progress the driver calls its pollers, which
+probe UCX's unexpected queue (``tag_probe``: tag and length, no data yet) and either
+receive a message into a buffer of its announced size or discard it (a receive into a
+small buffer, which UCX ends with "truncated" and frees). So a server has no receive
+posted that a peer's message could end, and closing needs no message at all.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tdist.logs import get_logger
@@ -27,6 +35,8 @@ log = get_logger("tdist.ucx")
 SPIN = float(os.environ.get("TDIST_UCX_SPIN_US", "0")) * 1e-6
 """Keep polling this long after the last completion before sleeping: a transfer in flight
 (rendezvous, pipelined fragments) finishes far sooner when polled than when woken per event."""
+POLL_EVERY = 0.0005
+"""Seconds between probes for unexpected messages while transfers are in flight."""
 SAFETY_TICK = 1.0
 """Progress at least this often even without an event (as ucxx's own driver does)."""
 
@@ -35,9 +45,10 @@ class EventDriver:
     def __init__(self, ucxx: Any) -> None:
         from ucxx._lib.arr import Array  # type: ignore[import-not-found]
         from ucxx._lib_async.application_context import ProgressTasks  # type: ignore[import-not-found]
-        from ucxx.types import Tag, TagMaskFull  # type: ignore[import-not-found]
+        from ucxx.types import Tag, TagMask, TagMaskFull  # type: ignore[import-not-found]
 
         self._Array, self._Tag, self._TagMaskFull = Array, Tag, TagMaskFull
+        self._any_tag, self._no_mask = Tag(0), TagMask(0)
         self.loop = asyncio.get_running_loop()
         ctx = ucxx.core._get_ctx()
         if ctx.progress_mode != "blocking":
@@ -54,6 +65,8 @@ class EventDriver:
         self._wake = asyncio.Event()
         self.loop.add_reader(self._fd, self._wake.set)
         self._pending: list[tuple[Any, asyncio.Future[None], Any]] = []
+        self._pollers: list[Callable[[], None]] = []
+        self._last_poll = 0.0
         self._last_activity = 0.0
         self._tasks = [self.loop.create_task(self._drive()), self.loop.create_task(self._tick())]
 
@@ -62,9 +75,22 @@ class EventDriver:
             await asyncio.sleep(SAFETY_TICK)
             self._wake.set()
 
+    def _run_pollers(self) -> None:
+        self._last_poll = time.perf_counter()
+        for poll in tuple(self._pollers):
+            try:
+                poll()
+            except Exception as exc:  # a poller's bug must not stop the progress of every transfer
+                log.error("ucx_poller_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
     async def _drive(self) -> None:
         while True:
             self.worker.progress()
+            # While transfers move, the loop turns often: probe at most every POLL_EVERY then
+            # (each probe is a call into UCX), and always before going to sleep.
+            polled = not self._pending or time.perf_counter() - self._last_poll >= POLL_EVERY
+            if polled:
+                self._run_pollers()
             if self._pending:
                 still = []
                 for item in self._pending:
@@ -86,6 +112,12 @@ class EventDriver:
                 await asyncio.sleep(0)  # hot: a transfer is moving, keep polling a moment
                 continue
             if self.worker.arm():  # nothing left to progress: sleep until UCX has an event
+                if not polled:  # a message may wait unprobed: look before sleeping
+                    posted = len(self._pending)
+                    self._run_pollers()
+                    if len(self._pending) != posted:  # it took something: progress that first
+                        await asyncio.sleep(0)
+                        continue
                 self._wake.clear()
                 await self._wake.wait()
             else:
@@ -112,7 +144,29 @@ class EventDriver:
         arr = self._Array(buf)
         return self._submit(self.worker.tag_recv(arr, self._Tag(tag)), arr)
 
+    def add_poller(self, poll: Callable[[], None]) -> None:
+        """Call ``poll`` after every progress (it must not block; it may probe and receive)."""
+        self._pollers.append(poll)
+
+    def remove_poller(self, poll: Callable[[], None]) -> None:
+        if poll in self._pollers:
+            self._pollers.remove(poll)
+
+    def probe(self, tag: int | None) -> Any:
+        """Take the oldest unexpected message with ``tag`` (any tag if None) off UCX's queue:
+        a result with ``matched``, ``length`` and ``sender_tag``. A matched message must then be
+        received with ``recv_probed`` (or it stays allocated inside UCX)."""
+        if tag is None:
+            return self.worker.tag_probe(self._any_tag, self._no_mask, remove=True)
+        return self.worker.tag_probe(self._Tag(tag), remove=True)
+
+    def recv_probed(self, probe: Any, buf: Any) -> asyncio.Future[None]:
+        """Receive a probed message into ``buf``; a longer message ends in UCX's truncation error."""
+        arr = self._Array(buf)
+        return self._submit(self.worker.tag_recv_with_handle(arr, probe), arr)
+
     async def close(self) -> None:
+        self._pollers = []
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

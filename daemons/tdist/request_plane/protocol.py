@@ -15,6 +15,8 @@ address is in the header's ``peers`` map, once per owner).
 
 from __future__ import annotations
 
+import math
+import re
 import struct
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -119,7 +121,8 @@ def _frame(kind: int, reply: str, header: dict[str, Any], arrays: Mapping[str, A
 def _unframe(data: bytes, want_kind: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
     reply = peek_reply(data)
     if reply is None:
-        raise InvalidRequest("not a tdist message (bad magic, version or truncated prefix)")
+        raise InvalidRequest("not a tdist message (bad magic, version, truncated prefix or a reply inbox "
+                             "that is not a plain NATS subject)")
     offset = _PREFIX.size + len(reply.encode())
     kind = data[3]
     if kind != want_kind:
@@ -143,41 +146,62 @@ def _unframe(data: bytes, want_kind: int) -> tuple[str, dict[str, Any], dict[str
     if not isinstance(metas, list):
         raise InvalidRequest("'tensors' is not a list", reply_to=reply)
     peers = header.get("peers") or {}
+    if not isinstance(peers, dict):
+        raise InvalidRequest("'peers' is not an object", reply_to=reply)
     for meta in metas:
-        try:
-            name, dtype, shape, nbytes, *ref = meta
-            shape_t = tuple(shape)
-            nbytes = int(nbytes)
-            if ref:
-                if len(ref) != 1 or not all(isinstance(d, int) and d >= 0 for d in shape_t):
-                    raise ValueError
-                arrays[str(name)] = TensorRef.from_wire(ref[0], str(dtype), shape_t, nbytes, peers)
-                continue
-        except (TypeError, ValueError, KeyError, AttributeError):
-            raise InvalidRequest(f"bad tensor descriptor {meta!r}", reply_to=reply) from None
+        if not isinstance(meta, list) or len(meta) not in (4, 5):
+            raise InvalidRequest(f"bad tensor descriptor {meta!r:.200}: not [name, dtype, shape, nbytes(, ref)]",
+                                 reply_to=reply)
+        name, dtype, shape, nbytes = meta[:4]
+        if not isinstance(name, str) or not name or not isinstance(dtype, str):
+            raise InvalidRequest(f"bad tensor descriptor {meta!r:.200}: name and dtype must be strings", reply_to=reply)
+        if name in arrays:
+            raise InvalidRequest(f"tensor {name!r:.80} appears twice", reply_to=reply)
+        if not isinstance(shape, list):
+            raise InvalidRequest(f"bad tensor descriptor {meta!r:.200}: the shape is not a list", reply_to=reply)
+        if len(meta) == 5:
+            try:
+                arrays[name] = TensorRef.from_wire(meta[4], dtype, shape, nbytes, peers)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"tensor {name!r:.80}: bad reference descriptor: {exc.message}",
+                                     reply_to=reply) from None
+            continue
+        if type(nbytes) is not int:
+            raise InvalidRequest(f"bad tensor descriptor {meta!r:.200}: nbytes is not an integer", reply_to=reply)
         if nbytes < 0 or offset + nbytes > len(data):
-            raise InvalidRequest(f"tensor {name!r} runs past the end of the message", reply_to=reply)
+            raise InvalidRequest(f"tensor {name!r:.80} runs past the end of the message", reply_to=reply)
         try:
-            arrays[str(name)] = tensors.from_bytes(view[offset : offset + nbytes], str(dtype), shape_t)
+            arrays[name] = tensors.from_bytes(view[offset : offset + nbytes], dtype, tuple(shape))
         except InvalidRequest as exc:
-            raise InvalidRequest(f"tensor {name!r}: {exc.message}", reply_to=reply, **exc.details) from None
+            raise InvalidRequest(f"tensor {name!r:.80}: {exc.message}", reply_to=reply, **exc.details) from None
         offset += nbytes
     if offset != len(data):
         raise InvalidRequest(f"{len(data) - offset} unexpected trailing bytes", reply_to=reply)
     return reply, header, arrays
 
 
+MAX_REPLY_SUBJECT = 512
+_REPLY_SUBJECT = re.compile(r"[^\s\x00-\x1f\x7f.*>]+(?:\.[^\s\x00-\x1f\x7f.*>]+)*")
+"""A subject a worker may publish to: dot-separated non-empty tokens without whitespace, control
+characters or wildcards. nats-py writes the subject into the protocol line as it is, so a reply
+with "\r\n" in it would inject protocol commands into the worker's connection."""
+
+
 def peek_reply(data: bytes) -> str | None:
-    """The reply inbox of a frame, or None if even the fixed prefix is unreadable."""
+    """The reply inbox of a frame, or None if even the fixed prefix is unreadable or the inbox is
+    not a subject a worker may publish to ("" for responses, which have none)."""
     if len(data) < _PREFIX.size:
         return None
     magic, version, _kind, reply_len = _PREFIX.unpack_from(data, 0)
     if magic != MAGIC or version != VERSION or _PREFIX.size + reply_len > len(data):
         return None
     try:
-        return bytes(data[_PREFIX.size : _PREFIX.size + reply_len]).decode()
+        reply = bytes(data[_PREFIX.size : _PREFIX.size + reply_len]).decode()
     except UnicodeDecodeError:
         return None
+    if reply and (len(reply) > MAX_REPLY_SUBJECT or not _REPLY_SUBJECT.fullmatch(reply)):
+        return None
+    return reply
 
 
 def encode_request(msg: RequestMessage) -> bytes:
@@ -195,18 +219,32 @@ def encode_request(msg: RequestMessage) -> bytes:
 
 
 def decode_request(data: bytes) -> RequestMessage:
+    """The request in ``data``, or ``InvalidRequest`` (with ``reply_to`` when the prefix could be
+    read): every failure, whatever the bytes, is an ``InvalidRequest``, so a worker can always
+    answer and drop a malformed message instead of handing it back."""
+    try:
+        return _decode_request(data)
+    except InvalidRequest:
+        raise
+    except Exception as exc:  # a case the checks above missed: still the sender's fault, still one answer
+        reply = peek_reply(data)
+        details = {"reply_to": reply} if reply is not None else {}
+        raise InvalidRequest(f"undecodable request: {type(exc).__name__}: {exc!s:.200}", **details) from None
+
+
+def _decode_request(data: bytes) -> RequestMessage:
     reply, h, arrays = _unframe(data, KIND_REQUEST)
     try:
         msg = RequestMessage(
             id=_str(h, "id"),
             trace_id=_str(h, "trace"),
             operator=_str(h, "op"),
-            version=int(h["ver"]),
-            deadline=float(h["deadline"]),
+            version=_int(h, "ver"),
+            deadline=_finite(h, "deadline"),
             reply_to=reply,
-            parameters=dict(h.get("params") or {}),
+            parameters=_object(h, "params"),
             inputs=arrays,
-            parent_id=h.get("parent"),
+            parent_id=_optional_str(h, "parent"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidRequest(f"request header field is missing or invalid: {exc}", reply_to=reply) from None
@@ -225,6 +263,16 @@ def encode_response(msg: ResponseMessage) -> bytes:
 
 
 def decode_response(data: bytes) -> ResponseMessage:
+    """The response in ``data``, or ``InvalidRequest`` whatever the bytes (as ``decode_request``)."""
+    try:
+        return _decode_response(data)
+    except InvalidRequest:
+        raise
+    except Exception as exc:
+        raise InvalidRequest(f"undecodable response: {type(exc).__name__}: {exc!s:.200}") from None
+
+
+def _decode_response(data: bytes) -> ResponseMessage:
     _reply, h, arrays = _unframe(data, KIND_RESPONSE)
     try:
         kind = h["kind"]
@@ -235,7 +283,7 @@ def decode_response(data: bytes) -> ResponseMessage:
             request_id=_str(h, "id"),
             kind=kind,
             worker_id=str(h.get("worker", "")),
-            attempt=int(h.get("attempt", 1)),
+            attempt=_int({"attempt": h.get("attempt", 1)}, "attempt"),
             outputs=arrays,
             parameters=dict(h.get("params") or {}),
             error=ErrorInfo(str(err["code"]), str(err["message"]), dict(err.get("details") or {})) if err else None,
@@ -248,4 +296,37 @@ def _str(h: dict[str, Any], key: str) -> str:
     value = h[key]
     if not isinstance(value, str) or not value:
         raise ValueError(f"{key!r} must be a non-empty string")
+    return value
+
+
+def _optional_str(h: dict[str, Any], key: str) -> str | None:
+    value = h.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string")
+    return value or None
+
+
+def _int(h: dict[str, Any], key: str) -> int:
+    value = h[key]
+    if type(value) is not int or value < 0:  # type(): True is an int too
+        raise ValueError(f"{key!r} must be a non-negative integer, not {value!r:.40}")
+    return value
+
+
+def _finite(h: dict[str, Any], key: str) -> float:
+    """A finite JSON number: no strings ("nan", "inf"), no bools; NaN would pass every deadline check."""
+    value = h[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key!r} must be a finite number, not {value!r:.40}")
+    return float(value)
+
+
+def _object(h: dict[str, Any], key: str) -> dict[str, Any]:
+    value = h.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key!r} must be an object")
     return value
