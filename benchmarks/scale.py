@@ -170,7 +170,7 @@ async def run_registrants(url: str, namespace: str, count: int) -> None:
     import nats
 
     from tdist.registry import put_with_ttl
-    from tdist.request_plane import subjects
+    from tdist import names
 
     nc = await nats.connect(url, pending_size=64 << 20)
     js = nc.jetstream()
@@ -215,7 +215,7 @@ async def run_registrants(url: str, namespace: str, count: int) -> None:
 async def measure_discovery(url: str, server_pid: int, count: int, args: Any) -> dict[str, float]:
     from tdist.client import Client
     from tdist.config import NatsConfig
-    from tdist.request_plane import subjects
+    from tdist import names
 
     out: dict[str, float] = {}
     async with Client(NatsConfig(servers=(url,)), namespace=NAMESPACE) as client:

@@ -17,7 +17,8 @@ import pytest
 from tdist.client import Client
 from tdist.config import RequestPlaneConfig
 from tdist.nats_server import EmbeddedNatsServer
-from tdist.request_plane import protocol, subjects
+from tdist.request_plane import protocol
+from tdist import names
 from tests.conftest import WorkerProcesses, operator_flag
 
 pytestmark = pytest.mark.timeout(120)
@@ -92,7 +93,7 @@ async def test_each_malformed_request_gets_one_error_and_leaves_the_stream(
             injected.append(msg)
 
         evil = await nc.subscribe("evil.>", cb=on_injected)
-        subject = subjects.request_subject(rp.namespace, "count", 1)
+        subject = names.request_subject(rp.namespace, "count", 1)
         for name, (fields, body) in CASES.items():
             await nc.publish(subject, frame(f"{inbox}.r.{name}", fields, body))
         # Nobody to answer, but each must still be removed, and none may reach NATS as a command:
@@ -107,8 +108,8 @@ async def test_each_malformed_request_gets_one_error_and_leaves_the_stream(
         await asyncio.wait_for(got_all.wait(), 60)
 
         # Gone from the stream, each delivered once: nothing was handed back for another try.
-        stream = subjects.stream_name(rp.namespace)
-        consumer = subjects.shared_consumer("count", 1)
+        stream = names.stream_name(rp.namespace)
+        consumer = names.shared_consumer("count", 1)
         for _ in range(600):
             info = await js.consumer_info(stream, consumer)
             if info.num_pending + info.num_ack_pending == 0 and (await js.stream_info(stream)).state.messages == 0:

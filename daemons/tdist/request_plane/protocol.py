@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import numpy as np
 import orjson
 
 from tdist import tensors
