@@ -166,6 +166,7 @@ class _Probe:
     operators: list[tuple[str, dict[str, Any]]]
     """(key of the operator in the file, its name, version and parameters)."""
     proc: subprocess.Popen[bytes] | None = None
+    stdout: Any = None
     stderr: Any = None
 
 
@@ -193,34 +194,39 @@ def check_operators(cfg: AgentConfig, report: HostReport, timeout: float) -> lis
             if probe.proc is not None and probe.proc.poll() is None:
                 probe.proc.kill()
                 probe.proc.wait()
-            if probe.stderr is not None:
-                probe.stderr.close()
+            for f in (probe.stdout, probe.stderr):
+                if f is not None:
+                    f.close()
     return problems
 
 
 def _spawn(probe: _Probe) -> None:
     request = json.dumps({"implementation": probe.implementation,
                           "operators": [op for _, op in probe.operators]}, default=str).encode()
-    with tempfile.TemporaryFile() as stdin:  # files, not pipes: nothing to pump, a chatty import never blocks
+    with tempfile.TemporaryFile() as stdin:
         stdin.write(request)
         stdin.seek(0)
-        probe.stderr = tempfile.TemporaryFile()
+        # Files, not pipes: nothing to pump, a chatty import never blocks, and a process the module
+        # left behind holding a descriptor cannot make us wait for an end of file.
+        probe.stdout, probe.stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         probe.proc = subprocess.Popen(
             [sys.executable, "-c", "from tdist.agent.host_checks import probe_main; probe_main()"],
-            stdin=stdin, stdout=subprocess.PIPE, stderr=probe.stderr)
+            stdin=stdin, stdout=probe.stdout, stderr=probe.stderr)
 
 
 def _collect(file: str, probe: _Probe, deadline: float, timeout: float, report: HostReport) -> list[ConfigError]:
     proc = probe.proc
-    assert proc is not None and proc.stdout is not None
+    assert proc is not None
     first_key = f"{probe.operators[0][0]}.implementation"
     try:
-        out, _ = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))  # all started together: one deadline
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
         return [ConfigError(f"importing {probe.implementation!r} did not finish within {timeout:g} s "
                             f"(--import-timeout)", file=file, key=first_key)]
+    probe.stdout.seek(0)
+    out = probe.stdout.read()
     try:
         result = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
