@@ -124,7 +124,8 @@ def test_an_implementation_module_that_does_not_exist(tmp_path: Path) -> None:
     found = problems(done)
     assert found[0].startswith(f"{config}:workers[0].operators[0].implementation: cannot import "
                                f"'tdist_no_such_module': ModuleNotFoundError"), found
-    assert found[1] == f"{config}:workers[1].operators[0].implementation: operator file '{tmp_path}/nope.py' does not exist"
+    assert found[1] == (f"{config}:workers[1].operators[0].implementation: operator file "
+                        f"'{tmp_path}/nope.py' does not exist")
     assert check(config, "--no-host-checks").returncode == 0
 
 

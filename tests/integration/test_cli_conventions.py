@@ -123,7 +123,8 @@ async def test_worker_and_client_run_on_environment_settings(secured: EmbeddedNa
     try:
         assert worker.stdout is not None
         line = await asyncio.to_thread(worker.stdout.readline)
-        assert json.loads(line)["event"] == "worker_ready", worker.stderr.read() if not line else line  # type: ignore[union-attr]
+        assert line, worker.stderr.read()  # type: ignore[union-attr]
+        assert json.loads(line)["event"] == "worker_ready"
         # The explicit `run` subcommand, connected through the environment only.
         done = await asyncio.to_thread(run, CLIENT, "run", "--operator", "echo", "--requests", "5",
                                        "--no-progress", "--namespace", namespace, env=env)
@@ -271,7 +272,7 @@ def test_a_closed_pipe_ends_quietly(nats_server: EmbeddedNatsServer, namespace: 
         assert code == 0 and err == "", (argv, code, err)
 
 
-def test_ls_json_piped_into_head(workers, nats_server: EmbeddedNatsServer, namespace: str) -> None:  # type: ignore[no-untyped-def]
+def test_ls_json_piped_into_head(nats_server: EmbeddedNatsServer, namespace: str) -> None:
     """The issue's own command line, under ``pipefail``: head's status and ours are both 0."""
     done = subprocess.run(["bash", "-o", "pipefail", "-c", f"{CLIENT} ls --json --namespace {namespace} | head -1"],
                           capture_output=True, text=True, env=env_with(TDIST_NATS_URL=nats_server.url), timeout=60)
@@ -279,8 +280,8 @@ def test_ls_json_piped_into_head(workers, nats_server: EmbeddedNatsServer, names
     assert json.loads(done.stdout)["namespace"] == namespace
 
 
-async def test_the_run_keeps_its_exit_code_when_the_reader_goes(workers, nats_server: EmbeddedNatsServer,  # type: ignore[no-untyped-def]
-                                                                namespace: str) -> None:
+async def test_the_run_keeps_its_exit_code_when_the_reader_goes(  # type: ignore[no-untyped-def]
+        workers, nats_server: EmbeddedNatsServer, namespace: str) -> None:
     await workers("ed", operator("encoder_decoder", "WrongEcho", max_inflight=4))
     env = env_with(TDIST_NATS_URL=nats_server.url)
     code, err = await asyncio.to_thread(closed_stdout, CLIENT, "--requests", "3", "--no-progress",

@@ -80,16 +80,20 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, suppress: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{PROG} [run] [--config FILE] [--http-port PORT] [NATS flags]\n"
+              f"       {PROG} check-config [FILE] [--no-host-checks] [--import-timeout SECONDS]\n"
+              f"       {PROG} --version",
         epilog=epilog("the agent could not start or had to stop (a port in use, another agent on the state "
                       "dir, supervisord dying)", NATS_EPILOG))
     add_version(p)
     _add_run_arguments(p, suppress=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    run_p = sub.add_parser("run", help=RUN_HELP, description=RUN_HELP,
+    run_p = sub.add_parser("run", prog=f"{PROG} run", help=RUN_HELP, description=RUN_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=epilog("the agent could not start or had to stop", NATS_EPILOG))
     _add_run_arguments(run_p, suppress=True)
-    check = sub.add_parser("check-config", help=CHECK_HELP, description=CHECK_DESCRIPTION,
+    check = sub.add_parser("check-config", prog=f"{PROG} check-config", help=CHECK_HELP,
+                           description=CHECK_DESCRIPTION,
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=epilog("", "exit 2 also for each host check that fails"))
     check.add_argument("file", nargs="?", default=DEFAULT_CONFIG, metavar="FILE",

@@ -163,19 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     ``tdist-client --requests 5`` and ``tdist-client --namespace x ls`` keep working; the
     subcommands' copies default to SUPPRESS and so keep what the main parser read."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage=f"{PROG} [run] [connection flags] [benchmark flags] [--json]\n"
+                                      f"       {PROG} ls [connection flags] [--json]\n"
+                                      f"       {PROG} --version",
                                 epilog=epilog(RUNTIME + "; 130: interrupted", NATS_EPILOG))
     add_version(p)
     _connection_arguments(p, suppress=False)
     _run_arguments(p, suppress=False)
     sub = p.add_subparsers(dest="command", metavar="{run,ls}")
-    run_p = sub.add_parser("run", help="the benchmark (the default command)", description="Call an operator "
+    run_p = sub.add_parser("run", prog=f"{PROG} run", help="the benchmark (the default command)",
+                           description="Call an operator "
                            "many times, check the answers, print throughput and latency.",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=epilog("requests failed, answers were wrong or left unanswered; 130: "
                                          "interrupted", NATS_EPILOG))
     _connection_arguments(run_p, suppress=True)
     _run_arguments(run_p, suppress=True)
-    ls_p = sub.add_parser("ls", help="list the live workers of the namespace",
+    ls_p = sub.add_parser("ls", prog=f"{PROG} ls", help="list the live workers of the namespace",
                           description="List the live workers of the namespace (--json: one JSON object).",
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           epilog=epilog("NATS unreachable", NATS_EPILOG))
