@@ -344,7 +344,7 @@ def _build(cls: type, table: _Table, **values: Any) -> Any:
         key = exc.key or ""
         inside = not table.path or key == table.path or key.startswith(f"{table.path}.")
         full = key if inside else f"{table.path}.{key.split('.')[-1]}"
-        raise ConfigError(exc.message.split(": ", 1)[-1], file=table.file, key=full) from None
+        raise ConfigError(exc.reason, file=table.file, key=full) from None
 
 
 def parse_nats(t: _Table) -> NatsConfig:

@@ -27,13 +27,19 @@ class TdistError(Exception):
 
 
 class ConfigError(TdistError):
-    """A configuration file or value is invalid; names the file, key and reason."""
+    """A configuration file or value is invalid; names the file, key and reason.
+
+    ``message`` is ``FILE:KEY: REASON``; ``reason`` is the bare reason, so that a caller that
+    knows better where the value came from (a flag, a table's full key) re-raises with
+    ``ConfigError(exc.reason, file=..., key=...)`` instead of rewriting the text.
+    """
 
     code = "CONFIG"
 
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None, **details: Any) -> None:
         where = ":".join(p for p in (file, key) if p)
         super().__init__(f"{where}: {message}" if where else message, file=file, key=key, **details)
+        self.reason = message
         self.file = file
         self.key = key
 

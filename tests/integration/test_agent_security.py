@@ -147,12 +147,12 @@ def test_a_secret_file_others_can_read_is_refused(tmp_path: Path) -> None:
     config.write_text(agent_toml(tmp_path, namespace="n", nats=f'embedded = true\nuser = "u"\npassword_file = "{pw}"'))
     run = subprocess.run([sys.executable, "-m", "tdist.agent.main", "check-config", str(config)],
                          capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1 and "nats.password_file" in run.stderr and "readable by others" in run.stderr
+    assert run.returncode == 2 and "nats.password_file" in run.stderr and "readable by others" in run.stderr
     missing = config.read_text().replace(str(pw), str(tmp_path / "nope"))
     config.write_text(missing)
     run = subprocess.run([sys.executable, "-m", "tdist.agent.main", "check-config", str(config)],
                          capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1 and "nats.password_file" in run.stderr and "cannot read" in run.stderr
+    assert run.returncode == 2 and "nats.password_file" in run.stderr and "cannot read" in run.stderr
 
 
 def _make_certs(tmp: Path) -> tuple[str, str, str]:

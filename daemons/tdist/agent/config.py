@@ -243,7 +243,7 @@ def _wrap(file: str, path: str, build: Any) -> Any:
         key = exc.key or path
         if path and not key.startswith(path.split(".")[0]):
             key = f"{path}.{key}"
-        raise ConfigError(exc.message.split(": ", 1)[-1], file=file, key=key) from None
+        raise ConfigError(exc.reason, file=file, key=key) from None
 
 
 def parse_agent_worker(entry: Any, file: str, index: int, node: str) -> AgentWorkerConfig:

@@ -1,9 +1,11 @@
 """``tdist-client``: the hello world's benchmark client, and a view of the live workers.
 
-    tdist-client --requests 1000 --concurrency 16 --clients 4          # encoder_decoder by default
-    tdist-client --operator encoder --input-copies 3 --json
+    tdist-client [run] --requests 1000 --concurrency 16 --clients 4    # encoder_decoder by default
+    tdist-client run --operator encoder --input-copies 3 --json
     tdist-client ls [--json]                                            # live workers of the namespace
+    tdist-client --version
 
+``run`` is the default command: ``tdist-client --requests 10`` runs the benchmark.
 Every request carries an INT64 ``input`` of random values (length drawn from a normal law) and
 the request parameters ``input_copies`` and ``delay``. Answers of ``encoder_decoder``,
 ``encoder`` and ``decoder`` are checked; a wrong answer counts as an error. Other operators are
@@ -14,8 +16,10 @@ Credentials: ``--user`` with ``--password-file FILE`` (or ``--token-file``, ``--
 environment: ``TDIST_NATS_URL``, ``TDIST_NATS_USER``, ``TDIST_NATS_PASSWORD``, ``TDIST_NATS_TOKEN``,
 ``TDIST_NATS_CREDS``; flags win. ``--password``/``--token`` work too but show in the process list.
 
-Exit codes: 0 every request answered correctly; 1 errors, wrong answers or requests left
-unanswered; 2 a configuration error (bad flags).
+Exit codes: 0 every request answered correctly (``ls``: listed); 1 errors, wrong answers or
+requests left unanswered (``ls``: NATS unreachable); 2 a usage or configuration error (a bad
+flag or value, named); 130 interrupted. A closed standard output (``| head``) ends quietly; the
+code stays the run's own if the pipe closes during the summary.
 """
 
 from __future__ import annotations
@@ -39,8 +43,22 @@ import numpy as np
 from tqdm import tqdm
 
 from tdist import logs
+from tdist.cli_common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    NATS_EPILOG,
+    NatsOverrides,
+    add_nats_arguments,
+    add_version,
+    epilog,
+    nats_overrides,
+    quiet_pipe,
+    write_output,
+)
 from tdist.client import Client
-from tdist.config import NatsConfig, RequestPlaneConfig, read_secret_file
+from tdist.config import NatsConfig, RequestPlaneConfig
 from tdist.errors import ConfigError, TdistError
 from tdist.progress import Progress
 from tdist.registry import WorkerInfo
@@ -97,90 +115,92 @@ class Settings:
         }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", choices=("run", "ls"), default="run",
-                   help="run: the benchmark (default); ls: list the live workers")
+def _connection_arguments(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    none: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
     conn = p.add_argument_group("connection")
-    conn.add_argument("--nats-url", action="append", metavar="URL",
-                      help="NATS server URL (repeatable; default nats://127.0.0.1:4222)")
-    conn.add_argument("--namespace", default=RequestPlaneConfig().namespace,
-                      help="tdist namespace (default %(default)s)")
-    conn.add_argument("--user", help="NATS user (or $TDIST_NATS_USER)")
-    conn.add_argument("--password", help="NATS password: visible to every local user in the process list; prefer "
-                                         "--password-file or $TDIST_NATS_PASSWORD")
-    conn.add_argument("--password-file", metavar="FILE", help="read the NATS password from FILE")
-    conn.add_argument("--token", help="NATS token: visible in the process list; prefer --token-file or "
-                                      "$TDIST_NATS_TOKEN")
-    conn.add_argument("--token-file", metavar="FILE", help="read the NATS token from FILE")
-    conn.add_argument("--creds", metavar="FILE", help="NATS credentials file (or $TDIST_NATS_CREDS)")
-    conn.add_argument("--tls-ca", metavar="FILE")
-    conn.add_argument("--tls-cert", metavar="FILE")
-    conn.add_argument("--tls-key", metavar="FILE")
-    p.add_argument("--json", action="store_true", help="end with one JSON line (ls: print JSON only)")
-    run = p.add_argument_group("benchmark (the default command)")
+    add_nats_arguments(conn, suppress=suppress)
+    conn.add_argument("--password", **none, help="NATS password: visible to every local user in the process "
+                                                 "list; prefer --password-file or $TDIST_NATS_PASSWORD")
+    conn.add_argument("--token", **none, help="NATS token: visible in the process list; prefer --token-file or "
+                                              "$TDIST_NATS_TOKEN")
+    conn.add_argument("--tls-ca", metavar="FILE", **none)
+    conn.add_argument("--tls-cert", metavar="FILE", **none)
+    conn.add_argument("--tls-key", metavar="FILE", **none)
+    conn.add_argument("--namespace", **none, help=f"tdist namespace (default {RequestPlaneConfig().namespace})")
+    p.add_argument("--json", action="store_true", **({"default": argparse.SUPPRESS} if suppress else {}),
+                   help="end with one JSON line (ls: print JSON only)")
+
+
+def _run_arguments(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    none: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    run = p.add_argument_group("benchmark (the run command, the default)")
     d = RUN_DEFAULTS
-    run.add_argument("--operator", help=f"operator to call (default {d['operator']}; encoder and decoder are "
-                                        "checked too, other operators are not)")
-    run.add_argument("--requests", type=int, help=f"requests in all (default {d['requests']})")
-    run.add_argument("--concurrency", type=int, help=f"requests in flight per client process (default "
-                                                     f"{d['concurrency']})")
-    run.add_argument("--clients", type=int, help=f"client processes (default {d['clients']})")
-    run.add_argument("--input-size-mean", type=float, help=f"mean input length (default {d['input_size_mean']:g})")
-    run.add_argument("--input-size-stdev", type=float,
+    run.add_argument("--operator", **none, help=f"operator to call (default {d['operator']}; encoder and decoder "
+                                                "are checked too, other operators are not)")
+    run.add_argument("--requests", type=int, **none, help=f"requests in all (default {d['requests']})")
+    run.add_argument("--concurrency", type=int, **none,
+                     help=f"requests in flight per client process (default {d['concurrency']})")
+    run.add_argument("--clients", type=int, **none, help=f"client processes (default {d['clients']})")
+    run.add_argument("--input-size-mean", type=float, **none,
+                     help=f"mean input length (default {d['input_size_mean']:g})")
+    run.add_argument("--input-size-stdev", type=float, **none,
                      help=f"standard deviation of the input length (default {d['input_size_stdev']:g})")
-    run.add_argument("--input-copies", type=int, help=f"request parameter input_copies (default {d['input_copies']})")
-    run.add_argument("--delay", type=float, help=f"request parameter delay, seconds per output element "
-                                                 f"(default {d['delay']:g})")
-    run.add_argument("--timeout", type=float, help=f"seconds per request (default {d['timeout']:g})")
-    run.add_argument("--seed", type=int, help="seed of the inputs (default: random, printed)")
-    run.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+    run.add_argument("--input-copies", type=int, **none,
+                     help=f"request parameter input_copies (default {d['input_copies']})")
+    run.add_argument("--delay", type=float, **none,
+                     help=f"request parameter delay, seconds per output element (default {d['delay']:g})")
+    run.add_argument("--timeout", type=float, **none, help=f"seconds per request (default {d['timeout']:g})")
+    run.add_argument("--seed", type=int, **none, help="seed of the inputs (default: random, printed)")
+    run.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS if suppress else None,
+                     help="no progress bar")
+
+
+RUNTIME = "requests failed, answers were wrong or left unanswered; ls: NATS unreachable"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Subcommands ``run`` (the default) and ``ls``. The main parser also takes every flag, so that
+    ``tdist-client --requests 5`` and ``tdist-client --namespace x ls`` keep working; the
+    subcommands' copies default to SUPPRESS and so keep what the main parser read."""
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage=f"{PROG} [run] [connection flags] [benchmark flags] [--json]\n"
+                                      f"       {PROG} ls [connection flags] [--json]\n"
+                                      f"       {PROG} --version",
+                                epilog=epilog(RUNTIME + "; 130: interrupted", NATS_EPILOG))
+    add_version(p)
+    _connection_arguments(p, suppress=False)
+    _run_arguments(p, suppress=False)
+    sub = p.add_subparsers(dest="command", metavar="{run,ls}")
+    run_p = sub.add_parser("run", prog=f"{PROG} run", help="the benchmark (the default command)",
+                           description="Call an operator "
+                           "many times, check the answers, print throughput and latency.",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=epilog("requests failed, answers were wrong or left unanswered; 130: "
+                                         "interrupted", NATS_EPILOG))
+    _connection_arguments(run_p, suppress=True)
+    _run_arguments(run_p, suppress=True)
+    ls_p = sub.add_parser("ls", prog=f"{PROG} ls", help="list the live workers of the namespace",
+                          description="List the live workers of the namespace (--json: one JSON object).",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog=epilog("NATS unreachable", NATS_EPILOG))
+    _connection_arguments(ls_p, suppress=True)
     return p
-
-
-ENV_URL, ENV_USER, ENV_PASSWORD, ENV_TOKEN, ENV_CREDS = (
-    "TDIST_NATS_URL", "TDIST_NATS_USER", "TDIST_NATS_PASSWORD", "TDIST_NATS_TOKEN", "TDIST_NATS_CREDS")
 
 
 def nats_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> NatsConfig:
     """The connection settings: flags first, then the environment (``TDIST_NATS_URL`` (comma-separated),
     ``TDIST_NATS_USER``, ``TDIST_NATS_PASSWORD``, ``TDIST_NATS_TOKEN``, ``TDIST_NATS_CREDS``), then defaults.
-    ``--password-file``/``--token-file`` keep secrets out of the process list."""
-    env = os.environ if environ is None else environ
-    creds = args.creds if args.creds is not None else env.get(ENV_CREDS) or None
-    for flag, path in (("--creds", creds), ("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
-                       ("--tls-key", args.tls_key)):
+    ``--password-file``/``--token-file`` keep secrets out of the process list. Errors name the flag
+    or variable, not a TOML key."""
+    tls = (("tls_ca_file", "--tls-ca", args.tls_ca), ("tls_cert_file", "--tls-cert", args.tls_cert),
+           ("tls_key_file", "--tls-key", args.tls_key))
+    for _, flag, path in tls:
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"file {path!r} not found", key=flag)
-    password = _secret(args.password, args.password_file, "--password", env.get(ENV_PASSWORD))
-    token = _secret(args.token, args.token_file, "--token", env.get(ENV_TOKEN))
-    if args.nats_url:
-        servers = tuple(args.nats_url)
-    elif env.get(ENV_URL):
-        servers = tuple(u.strip() for u in env[ENV_URL].split(",") if u.strip())
-    else:
-        servers = NatsConfig().servers
-    user = args.user if args.user is not None else env.get(ENV_USER) or None
-    try:
-        return NatsConfig(
-            servers=servers, user=user, password=password, token=token, creds_file=creds,
-            tls_ca_file=args.tls_ca, tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
-        )
-    except ConfigError as exc:  # name the flags, not the TOML keys
-        flags = {"nats.servers": "--nats-url", "nats.user": "--user/--password",
-                 "nats.tls_cert_file": "--tls-cert/--tls-key"}
-        raise ConfigError(exc.message.split(": ", 1)[-1], key=flags.get(exc.key or "", exc.key)) from None
-
-
-def _secret(flag_value: str | None, file: str | None, flag: str, env_value: str | None) -> str | None:
-    if flag_value is not None and file is not None:
-        raise ConfigError(f"give {flag} or {flag}-file, not both", key=f"{flag}-file")
-    if file is not None:
-        return read_secret_file(file, file=None, key=f"{flag}-file")
-    if flag_value is not None:
-        return flag_value
-    return env_value or None
+    given = nats_overrides(args, environ)
+    values = {**given.values, **{name: path for name, _, path in tls if path is not None}}
+    sources = {**given.sources, **{name: flag for name, flag, path in tls if path is not None}}
+    return NatsOverrides(values, sources).apply(NatsConfig())
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -191,7 +211,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
             raise ConfigError("does not apply to 'ls'", key="--" + given[0].replace("_", "-"))
     v = {k: (RUN_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)) for k in RUN_DEFAULTS}
     check_name("operator", v["operator"], key="--operator")
-    RequestPlaneConfig(namespace=args.namespace)  # validates the name
+    namespace = RequestPlaneConfig().namespace if args.namespace is None else args.namespace
+    check_name("namespace", namespace, key="--namespace")
     for key, low in (("requests", 1), ("concurrency", 1), ("clients", 1), ("input_copies", 1)):
         if v[key] < low:
             raise ConfigError(f"must be at least {low}, got {v[key]}", key="--" + key.replace("_", "-"))
@@ -200,7 +221,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             what = "positive" if key == "timeout" else "at least 0"
             raise ConfigError(f"must be {what}, got {v[key]}", key="--" + key.replace("_", "-"))
     return Settings(
-        nats=nats_config(args), namespace=args.namespace, operator=v["operator"], requests=v["requests"],
+        nats=nats_config(args), namespace=namespace, operator=v["operator"], requests=v["requests"],
         concurrency=v["concurrency"], clients=v["clients"], input_size_mean=v["input_size_mean"],
         input_size_stdev=v["input_size_stdev"], input_copies=v["input_copies"], delay=v["delay"],
         timeout=v["timeout"], seed=v["seed"] if v["seed"] is not None else secrets.randbits(32),
@@ -619,20 +640,23 @@ def run(s: Settings) -> int:
     try:
         workers = asyncio.run(preflight(s))
         if not s.as_json:
-            print(f"{workers} live worker(s) serve {s.operator}", flush=True)
+            write_output(lambda: print(f"{workers} live worker(s) serve {s.operator}"))
         results, wall = run_in_process(s) if len(s.shares()) == 1 else run_processes(s)
     except TdistError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     except Fatal as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     summary = summarize(s, results, wall)
-    print_summary(summary)
-    if s.as_json:
-        print(json.dumps(summary, separators=(",", ":")))
-    sys.stdout.flush()
-    return 0 if summary["errors"] == 0 and summary["answered"] == s.requests else 1
+
+    def write() -> None:
+        print_summary(summary)
+        if s.as_json:
+            print(json.dumps(summary, separators=(",", ":")))
+
+    write_output(write)  # a reader gone (| head) does not change the run's exit code
+    return EXIT_OK if summary["errors"] == 0 and summary["answered"] == s.requests else EXIT_FAILURE
 
 
 # --------------------------------------------------------------------------------------------
@@ -680,7 +704,7 @@ def ls(s: Settings) -> int:
         workers = asyncio.run(list_workers(s))
     except TdistError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     if s.as_json:
         print(json.dumps({"namespace": s.namespace,
                           "workers": [{**asdict(w), "load": w.load} for w in workers]}, separators=(",", ":")))
@@ -689,25 +713,31 @@ def ls(s: Settings) -> int:
     else:
         print(format_table([worker_row(w) for w in workers]))
         print(f"{len(workers)} worker(s) in namespace {s.namespace!r}; PULLED/SERVED_BYTES: data-plane bytes")
-    return 0
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command is None:
+        args.command = "run"
     try:
         s = settings_from(args)
     except ConfigError as exc:
         print(f"{PROG}: configuration error: {exc.message}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     logs.configure("error", component="client")  # the CLI reports failures itself
     try:
         return ls(s) if args.command == "ls" else run(s)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return quiet_pipe(lambda: _main(argv))
 
 
 if __name__ == "__main__":

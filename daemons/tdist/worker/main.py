@@ -5,6 +5,12 @@
         --operator name=echo,implementation=tdist.operators.builtin:Echo,max_inflight=8
 
 SIGTERM or SIGINT drains: stop pulling, finish in-flight work, deregister, exit 0.
+
+NATS settings: flags, then the environment (``TDIST_NATS_URL``, ``TDIST_NATS_USER``,
+``TDIST_NATS_PASSWORD``, ``TDIST_NATS_TOKEN``, ``TDIST_NATS_CREDS``), then the file's
+``[nats]``. ``--nats-file`` (the agent's 0600 file) is a flag: with it the environment is not
+read, so a worker the agent starts dials exactly what the agent wrote.
+Exit codes: 0 drained and stopped, 1 a runtime failure, 2 a bad flag, value or file.
 """
 
 from __future__ import annotations
@@ -15,12 +21,22 @@ import dataclasses
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import structlog
 
 from tdist import logs
+from tdist.cli_common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    NATS_EPILOG,
+    add_nats_arguments,
+    add_version,
+    epilog,
+    nats_overrides,
+    quiet_pipe,
+)
 from tdist.config import (
     LoggingConfig,
     NatsConfig,
@@ -70,12 +86,18 @@ def parse_operator_flag(text: str) -> OperatorConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tdist-worker", description="Run a tdist worker hosting operators.")
+    p = argparse.ArgumentParser(
+        prog="tdist-worker", description="Run a tdist worker hosting operators.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=epilog("the worker could not start or serve (NATS unreachable, an operator's setup failed)",
+                      NATS_EPILOG + "\n--nats-file counts as a flag: with it, the environment is not read."))
+    add_version(p)
     p.add_argument("--config", help="TOML file with [nats], [request_plane], [logging] and [worker] or [[workers]]")
     p.add_argument("--worker", help="with [[workers]]: which worker of the file to run")
-    p.add_argument("--nats-url", action="append", help="NATS server URL (repeatable); overrides the file")
-    p.add_argument("--nats-file", help="a TOML file whose [nats] table replaces the config's (the agent writes one, "
-                                       "mode 0600: the servers and credentials stay out of argv)")
+    nats = p.add_argument_group("NATS")
+    add_nats_arguments(nats)
+    nats.add_argument("--nats-file", help="a TOML file whose [nats] table replaces the config's (the agent writes "
+                                          "one, mode 0600: the servers and credentials stay out of argv)")
     p.add_argument("--namespace", help="namespace; overrides the file")
     p.add_argument("--name", help="worker name (flags mode)")
     p.add_argument("--operator", action="append", default=[], help="operator spec (flags mode, repeatable)")
@@ -92,13 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _override(config: T, **values: Any) -> T:
-    """``config`` with the flags that were given (not None) replacing its values."""
-    given = {k: v for k, v in values.items() if v is not None}
-    return dataclasses.replace(config, **given) if given else config  # type: ignore[type-var]
+def _override(config: T, **flags: tuple[str, Any]) -> T:
+    """``config`` with the flags that were given (value not None) replacing its fields, one at a
+    time so that an invalid value is reported under the flag the user typed, not its TOML key."""
+    for name, (flag, value) in flags.items():
+        if value is None:
+            continue
+        try:
+            config = dataclasses.replace(config, **{name: value})  # type: ignore[type-var]
+        except ConfigError as exc:
+            raise ConfigError(exc.reason, key=flag) from None
+    return config
 
 
-def resolve(args: argparse.Namespace) -> WorkerFile:
+def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> WorkerFile:
+    """The worker's settings: flags, then (without ``--nats-file``) ``environ`` (default
+    ``os.environ``) for NATS, then the file, then defaults."""
     if args.config:
         wf = load_worker_file(args.config, args.worker)
     else:
@@ -110,13 +141,16 @@ def resolve(args: argparse.Namespace) -> WorkerFile:
     if args.nats_file:
         nats = parse_nats(_Table(read_toml(args.nats_file), args.nats_file, "").table("nats"))
     return WorkerFile(
-        nats=_override(nats, servers=tuple(args.nats_url) if args.nats_url else None),
-        request_plane=_override(wf.request_plane, namespace=args.namespace, ack_wait=args.ack_wait,
-                                max_deliver=args.max_deliver),
-        logging=_override(wf.logging, level=args.log_level, file=args.log_file),
-        worker=_override(wf.worker, registry_ttl=args.registry_ttl, drain_timeout=args.drain_timeout),
-        data_plane=_override(wf.data_plane, inline_threshold=args.inline_threshold, lease=args.tensor_lease,
-                             pull_timeout=args.pull_timeout),
+        nats=nats_overrides(args, environ, use_environment=not args.nats_file).apply(nats),
+        request_plane=_override(wf.request_plane, namespace=("--namespace", args.namespace),
+                                ack_wait=("--ack-wait", args.ack_wait),
+                                max_deliver=("--max-deliver", args.max_deliver)),
+        logging=_override(wf.logging, level=("--log-level", args.log_level), file=("--log-file", args.log_file)),
+        worker=_override(wf.worker, registry_ttl=("--registry-ttl", args.registry_ttl),
+                         drain_timeout=("--drain-timeout", args.drain_timeout)),
+        data_plane=_override(wf.data_plane, inline_threshold=("--inline-threshold", args.inline_threshold),
+                             lease=("--tensor-lease", args.tensor_lease),
+                             pull_timeout=("--pull-timeout", args.pull_timeout)),
     )
 
 
@@ -135,21 +169,29 @@ async def run(wf: WorkerFile, worker_id: str | None = None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         wf = resolve(args)
     except ConfigError as exc:
         print(f"tdist-worker: configuration error: {exc.message}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     logs.configure(wf.logging.level, file=wf.logging.file, rotate_bytes=wf.logging.rotate_bytes,
                    backups=wf.logging.backups, component="worker", node=wf.worker.node)
     try:
         return asyncio.run(run(wf, args.worker_id))
+    except ConfigError as exc:  # an implementation that does not import, a Triton model that is not there
+        log.error("worker_failed", error=str(exc), code=exc.code)
+        print(f"tdist-worker: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except TdistError as exc:
         log.error("worker_failed", error=str(exc), code=exc.code)
         print(f"tdist-worker: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return quiet_pipe(lambda: _main(argv))
 
 
 if __name__ == "__main__":
