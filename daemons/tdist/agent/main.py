@@ -27,7 +27,7 @@ from collections.abc import Sequence  # noqa: E402
 from tdist import logs  # noqa: E402
 from tdist.agent.config import load_agent_config  # noqa: E402
 from tdist.agent.daemon import Agent  # noqa: E402
-from tdist.agent.notify import notify  # noqa: E402
+from tdist.agent.notify import notify, reloading  # noqa: E402
 from tdist.errors import ConfigError, TdistError  # noqa: E402
 
 log = logs.get_logger("tdist.agent.main")
@@ -52,7 +52,7 @@ async def run(config_path: str, nats_url: str | None = None, http_port: int | No
         loop.add_signal_handler(sig, stop.set)
 
     def on_hup() -> None:
-        notify("RELOADING=1")
+        reloading()  # at once, not at the main loop's next round: systemd ties it to its reload
         reload.set()
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -62,11 +62,10 @@ async def run(config_path: str, nats_url: str | None = None, http_port: int | No
         await agent.prepare()
         # The first line on stdout (launchers and tests read it): HTTP answers from now on.
         print(f"tdist-agent: starting, http on port {agent.http_port}", flush=True)
-        # Ready for systemd = handlers installed and /live answering; whether the workers serve is
-        # /ready's business (NATS may be unreachable for a while, which must not fail the unit's start).
-        notify(f"READY=1\nSTATUS=starting: NATS, then {len(agent.programs)} workers")
+        # READY=1 comes from agent.run once /ready would answer 200 (systemctl start returns then).
+        notify(f"STATUS=starting: NATS, then {len(agent.programs)} workers")
         if await agent.start(stop):
-            notify(f"STATUS=serving: {len(agent.programs)} workers")
+            notify(f"STATUS=waiting for {len(agent.programs)} workers")
             await agent.run(stop, reload)
     finally:
         notify("STOPPING=1")
