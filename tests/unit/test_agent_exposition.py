@@ -38,8 +38,8 @@ def spawn(directory: str) -> subprocess.Popen[str]:
     return proc
 
 
-def samples(agent: Agent) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    families = list(text_string_to_metric_families(agent.metrics().decode()))
+async def samples(agent: Agent) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    families = list(text_string_to_metric_families((await agent.metrics()).decode()))
     assert all(f.documentation and f.documentation != "Multiprocess metric" for f in families), \
         [f.name for f in families if not f.documentation]
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
@@ -63,14 +63,14 @@ def test_fresh_dir_is_private_and_empty(tmp_path: Path) -> None:
     assert os.stat(path).st_mode & 0o777 == 0o700
 
 
-def test_workers_metrics_are_merged_and_a_dead_workers_live_gauges_dropped(tmp_path: Path) -> None:
+async def test_workers_metrics_are_merged_and_a_dead_workers_live_gauges_dropped(tmp_path: Path) -> None:
     agent = Agent(str(ETC))
     path = exposition.fresh_dir(str(tmp_path))
-    agent.registry = exposition.node_registry(agent, path)
+    agent.node_metrics = exposition.NodeMetrics(agent, path)
     first = spawn(path)
     second = spawn(path)
     try:
-        got = samples(agent)
+        got = await samples(agent)
         ok = ("tdist_requests_total", (("operator", "op"), ("outcome", "ok"), ("version", "1")))
         failed = ("tdist_requests_total", (("operator", "op"), ("outcome", "operator_error"), ("version", "1")))
         in_flight = ("tdist_requests_in_flight", (("operator", "op"),))
@@ -84,13 +84,13 @@ def test_workers_metrics_are_merged_and_a_dead_workers_live_gauges_dropped(tmp_p
 
         stop(first)
         assert exposition.sweep(path, keep=[second.pid]) == [first.pid]
-        got = samples(agent)
+        got = await samples(agent)
         assert got[in_flight] == 2  # only the live process's requests are in flight
         assert got[ok] == 2  # counters of the dead process stay (they survive a restart)
 
         exposition.process_gone(path, second.pid)  # the tick saw it go
         assert exposition.sweep(path) == []
-        assert samples(agent).get(in_flight, 0) == 0
+        assert (await samples(agent)).get(in_flight, 0) == 0
     finally:
         stop(first)
         stop(second)

@@ -24,7 +24,7 @@ class Probe:
     def body(self) -> dict[str, Any]:
         return {"ready": self.ready, "workers": {"w-0": "RUNNING"}}
 
-    def metrics(self) -> bytes:
+    async def metrics(self) -> bytes:
         self.scrapes += 1
         return b"# HELP x An example.\n# TYPE x gauge\nx 1.0\n"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from tdist.agent.daemon import Agent
@@ -30,7 +31,7 @@ def test_ready_only_after_registration() -> None:
     assert not agent.ready()  # its entry is an older process's (it was restarted)
     agent.status.entries[last.worker_id] = entry(last.worker_id, 100 + len(agent.programs) - 1)
     assert agent.ready()
-    assert "tdist_agent_ready 1.0" in agent.metrics().decode()
+    assert "tdist_agent_ready 1.0" in asyncio.run(agent.metrics()).decode()
     agent.status.unhealthy[last.name] = 100 + len(agent.programs) - 1
     assert not agent.ready()  # it fails the canary
     del agent.status.unhealthy[last.name]

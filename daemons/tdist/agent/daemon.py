@@ -163,7 +163,7 @@ class Agent:
         self.http_port = 0
         self.metrics_dir: str | None = None
         """The workers' PROMETHEUS_MULTIPROC_DIR (made by ``prepare``)."""
-        self.registry = exposition.node_registry(self, None)
+        self.node_metrics = exposition.NodeMetrics(self, None)
         self.nats: NatsConfig = self.config.nats
         """The [nats] settings workers and the agent use: servers[0] with the embedded server's real port."""
         self.started_at = time.time()
@@ -214,7 +214,7 @@ class Agent:
         shutil.rmtree(os.path.join(self.state_dir, NATS_RUN_DIR), ignore_errors=True)
         # After the leftovers are gone, so no old worker writes there any more.
         self.metrics_dir = exposition.fresh_dir(self.state_dir)
-        self.registry = exposition.node_registry(self, self.metrics_dir)
+        self.node_metrics = exposition.NodeMetrics(self, self.metrics_dir)
         self.gpus = self._gpus(cfg)
         self.programs = self._plan(cfg, self.gpus)
         if cfg.nats.embedded:
@@ -452,6 +452,8 @@ class Agent:
             log.error("reload_apply_failed", error=f"{type(exc).__name__}: {exc}")
             return
         self.status.reloads += 1
+        for name in (*diff.added, *diff.changed, *diff.removed):
+            self._crashes.forget(name)  # a new configuration starts a fresh history (a fixed worker recovers)
         log.info("reloaded", added=diff.added, changed=diff.changed, removed=diff.removed)
 
     # -- pieces -----------------------------------------------------------------
@@ -691,9 +693,9 @@ class Agent:
     def uptime(self) -> float:
         return time.time() - self.started_at
 
-    def metrics(self) -> bytes:
+    async def metrics(self) -> bytes:
         """``/metrics``: the workers' families, the agent's own, build info (tdist.agent.exposition)."""
-        return exposition.render(self.registry)
+        return await self.node_metrics.render()
 
     def ready_body(self) -> dict[str, Any]:
         """``/ready``'s JSON. ``failing``: per crash-looping worker, its state and last output lines."""

@@ -15,7 +15,7 @@ errno. No access log: a scrape every second would drown the agent's own lines.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -26,7 +26,7 @@ SHUTDOWN_TIMEOUT = 2.0
 
 ReadyProbe = Callable[[], dict[str, Any]]
 """-> /ready's JSON body; its ``ready`` key decides 200 or 503."""
-MetricsProbe = Callable[[], bytes]
+MetricsProbe = Callable[[], Awaitable[bytes]]
 
 
 class HttpServer:
@@ -64,4 +64,4 @@ class HttpServer:
                             content_type="application/json")
 
     async def _metrics_handler(self, _: web.Request) -> web.Response:
-        return web.Response(body=self._metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=await self._metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST})
