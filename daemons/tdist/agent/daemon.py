@@ -7,8 +7,9 @@ Start-up, in this order, so that whatever can fail does so before anything is st
    agent on the same state dir refuses to start); whatever an earlier agent of this state dir
    left running (supervisord, workers, Triton servers, nats-server) is stopped, found by the
    PIDs it recorded (checked against /proc start times) and by the state dir's marker in
-   their environment (``tdist.agent.processes``); the HTTP port is bound and the embedded
-   server's client and monitoring ports are checked.
+   their environment (``tdist.agent.processes``); the workers' metrics directory is emptied;
+   the HTTP port is bound (``tdist.agent.http_server``: ``/live``, ``/ready``, ``/metrics``)
+   and the embedded server's client and monitoring ports are checked.
 2. ``start``: the embedded nats-server (if ``[nats] embedded``), then a NATS connection. While
    NATS is unreachable the agent keeps retrying (backoff up to 15 s) with ``/live`` answering
    and ``/ready`` 503, and starts no worker. Then supervisord, with the workers.
@@ -17,8 +18,13 @@ Every child (supervisord, nats-server, and through supervisord every worker) is 
 a parent-death signal, so nothing outlives the agent, even a SIGKILLed one.
 
 Then every second (``_tick``): supervisord's process states; a worker whose process changed has
-its registry entry deleted at once (not after its TTL); the node's heartbeat. Worker entries
-come from a registry watch (no listing). The canary (``_canary_loop``) sends each serving worker
+its registry entry deleted at once (not after its TTL) and its live metrics dropped; a worker
+that crash-loops (BACKOFF, FATAL, or replaced again and again: ``tdist.agent.crashloop``) is
+logged with the last lines of its output, which ``/ready`` shows too; the node's heartbeat.
+Every ``QUEUE_DEPTH_PERIOD`` the operators' pending counts are read for ``/metrics``
+(``tdist.agent.exposition``: the workers' own metrics, merged from the files they write in
+multiprocess mode, and the agent's). Worker entries come from a registry watch (no listing).
+The canary (``_canary_loop``) sends each serving worker
 a directed request every ``[canary] period`` (the built-in ``_ping`` unless the worker names
 one of its operators); ``failures`` failures in a row mark the worker unhealthy (``/ready`` 503,
 its registry entry's state ``unhealthy``) and the agent SIGKILLs it through supervisord, which
@@ -31,6 +37,10 @@ their registry entries are deleted, and supervisord starts again with one set of
 If supervisord dies ``SUPERVISORD_MAX_DEATHS`` times within ``SUPERVISORD_DEATH_WINDOW``
 seconds, the agent stops everything and exits 1, and systemd (``Restart=on-failure``) starts
 it afresh.
+
+systemd (``tdist.agent.notify``): READY=1 the first time the node is ready (``/ready`` 200),
+RELOADING=1 and READY=1 around each reload, STOPPING=1, and WATCHDOG=1 pings only while this
+loop goes round.
 
 SIGHUP (``reload``, in a task: ticks, the canary and HTTP go on meanwhile): the file is read
 again; an invalid one is logged and counted and the running set stays; a valid one is applied
