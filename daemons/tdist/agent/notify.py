@@ -4,8 +4,8 @@ What the agent says, and when (see ``Agent.run``):
 
 - ``READY=1`` once ``/ready`` would answer 200 (NATS connected, every worker running,
   registered and answering the canary), so ``systemctl start`` returns only then;
-- ``RELOADING=1`` with ``MONOTONIC_USEC=`` (systemd 253+ requires it to tie the message to
-  the reload it asked for) from the SIGHUP handler, then ``READY=1`` once the reload is done;
+- ``RELOADING=1`` with ``MONOTONIC_USEC=`` (sd_notify(3): lets systemd tie the message to the
+  reload cycle it belongs to) from the SIGHUP handler, then ``READY=1`` once the reload is done;
 - ``STOPPING=1`` when it starts to stop;
 - ``WATCHDOG=1`` every half ``$WATCHDOG_USEC`` (``WatchdogSec=``), sent by a task of the
   agent's event loop only while the agent's main loop goes round (``Watchdog``): a blocked
