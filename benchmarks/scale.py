@@ -174,7 +174,7 @@ async def run_registrants(url: str, namespace: str, count: int) -> None:
 
     nc = await nats.connect(url, pending_size=64 << 20)
     js = nc.jetstream()
-    bucket = subjects.workers_bucket(namespace)
+    bucket = names.workers_bucket(namespace)
     now = time.time()
     entries = [(info.id, info.to_json()) for info in (registrant(i, now) for i in range(count))]
 
@@ -265,7 +265,7 @@ async def measure_discovery(url: str, server_pid: int, count: int, args: Any) ->
         out["watch_ms"] = common.median(lat) * 1e3
         out["watch_p90_ms"] = common.percentile(lat, 90) * 1e3
         js = client.runtime._nc.jetstream()  # type: ignore[union-attr]
-        state = (await js.stream_info(f"KV_{subjects.workers_bucket(NAMESPACE)}")).state
+        state = (await js.stream_info(f"KV_{names.workers_bucket(NAMESPACE)}")).state
         out["kv_bytes"] = float(state.bytes)
         out["kv_messages"] = float(state.messages)
     return out

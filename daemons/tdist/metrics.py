@@ -43,7 +43,8 @@ DATA_PLANE_BYTES = Counter(
     "processes.", ["direction"])
 DATA_PLANE_PULLS = Counter("tdist_data_plane_pulls", "Tensors pulled from their owners.")
 STORE_BYTES = Gauge(
-    "tdist_data_plane_store_bytes", "Bytes of tensors held for consumers.", multiprocess_mode="livesum")
+    "tdist_data_plane_store_bytes", "Bytes of tensors held for consumers (sampled every second).",
+    multiprocess_mode="livesum")
 LEASES_EXPIRED = Counter(
     "tdist_data_plane_leases_expired", "Tensor references freed by their lease (a consumer never released).")
 TRITON_RESTARTS = Counter(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -88,6 +87,14 @@ class AgentProcess:
             self.proc.stdout.close()
 
 
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def supervised_pids(state: Path) -> list[int]:
     from tdist.agent.supervisor_rpc import SupervisorClient
 
@@ -119,9 +126,10 @@ async def test_agent_end_to_end(tmp_path: Path, nats_server, namespace: str, cli
         await agent.wait_ready()
         ws = await workers_of(client)
         assert sorted(w.gpus for w in ws.values()) == [("0",), ("1",)]  # CUDA_VISIBLE_DEVICES per instance
-        metrics = agent.get("/metrics")[1]
-        assert 'tdist_agent_workers{state="RUNNING"} 2' in metrics
-        assert all(f'tdist_worker_requests_total{{worker="{wid}"}}' in metrics for wid in ws)
+        samples = metric_samples(agent.get("/metrics")[1])
+        assert samples[("tdist_agent_workers", (("state", "RUNNING"),))] == 2
+        assert all(samples[("tdist_agent_worker_up", (("program", f"count-{i}"), ("worker", f"testnode-count-{i}")))]
+                   == 1 for i in range(2))
 
         # A worker killed with SIGKILL: its entry goes at once, supervisord restarts it, it registers again.
         victim = next(iter(ws.values()))
@@ -149,10 +157,10 @@ async def test_agent_end_to_end(tmp_path: Path, nats_server, namespace: str, cli
         config.write_text("[[workers]]\nname = 'x'\ncount = -1\n")
         agent.proc.send_signal(signal.SIGHUP)
         for _ in range(50):
-            if "tdist_agent_reload_failures_total 1" in agent.get("/metrics")[1]:
+            if metric_samples(agent.get("/metrics")[1])[("tdist_agent_reload_failures_total", ())] == 1:
                 break
             await asyncio.sleep(0.1)
-        assert "tdist_agent_reload_failures_total 1" in agent.get("/metrics")[1]
+        assert metric_samples(agent.get("/metrics")[1])[("tdist_agent_reload_failures_total", ())] == 1
         assert {w.id: w.pid for w in (await workers_of(client)).values()} == after
         config.write_text(agent_toml(tmp_path, nats_server.url, namespace, count=3, gpus=3))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from tdist.agent.daemon import Agent
@@ -30,7 +31,7 @@ def test_ready_only_after_registration() -> None:
     assert not agent.ready()  # its entry is an older process's (it was restarted)
     agent.status.entries[last.worker_id] = entry(last.worker_id, 100 + len(agent.programs) - 1)
     assert agent.ready()
-    assert "tdist_agent_ready 1" in agent.metrics()
+    assert "tdist_agent_ready 1.0" in asyncio.run(agent.metrics()).decode()
     agent.status.unhealthy[last.name] = 100 + len(agent.programs) - 1
     assert not agent.ready()  # it fails the canary
     del agent.status.unhealthy[last.name]
@@ -39,18 +40,3 @@ def test_ready_only_after_registration() -> None:
     agent.services_up = lambda: True  # type: ignore[method-assign]
     agent.status.states[agent.programs[0].name] = "BACKOFF"
     assert not agent.ready()
-
-
-def test_metrics_include_the_workers_own_counters() -> None:
-    from tdist.registry import OperatorInfo, WorkerInfo
-
-    agent = Agent(str(ETC))
-    agent.programs = agent._plan(agent.config, ())
-    wid = agent.programs[0].worker_id
-    agent.status.entries = {wid: WorkerInfo(id=wid, name="encoder", node="n", pid=1, state="serving",
-                                            operators=(OperatorInfo("encoder", 1, 16, 3),), started_at=0.0,
-                                            served=42, bytes_pulled=1000)}
-    text = agent.metrics()
-    assert f'tdist_worker_requests_total{{worker="{wid}"}} 42' in text
-    assert f'tdist_worker_inflight_requests{{worker="{wid}"}} 3' in text
-    assert f'tdist_worker_data_plane_pulled_bytes_total{{worker="{wid}"}} 1000' in text

@@ -7,8 +7,9 @@ Start-up, in this order, so that whatever can fail does so before anything is st
    agent on the same state dir refuses to start); whatever an earlier agent of this state dir
    left running (supervisord, workers, Triton servers, nats-server) is stopped, found by the
    PIDs it recorded (checked against /proc start times) and by the state dir's marker in
-   their environment (``tdist.agent.processes``); the HTTP port is bound and the embedded
-   server's client and monitoring ports are checked.
+   their environment (``tdist.agent.processes``); the workers' metrics directory is emptied;
+   the HTTP port is bound (``tdist.agent.http_server``: ``/live``, ``/ready``, ``/metrics``)
+   and the embedded server's client and monitoring ports are checked.
 2. ``start``: the embedded nats-server (if ``[nats] embedded``), then a NATS connection. While
    NATS is unreachable the agent keeps retrying (backoff up to 15 s) with ``/live`` answering
    and ``/ready`` 503, and starts no worker. Then supervisord, with the workers.
@@ -17,8 +18,13 @@ Every child (supervisord, nats-server, and through supervisord every worker) is 
 a parent-death signal, so nothing outlives the agent, even a SIGKILLed one.
 
 Then every second (``_tick``): supervisord's process states; a worker whose process changed has
-its registry entry deleted at once (not after its TTL); the node's heartbeat. Worker entries
-come from a registry watch (no listing). The canary (``_canary_loop``) sends each serving worker
+its registry entry deleted at once (not after its TTL) and its live metrics dropped; a worker
+that crash-loops (BACKOFF, FATAL, or replaced again and again: ``tdist.agent.crashloop``) is
+logged with the last lines of its output, which ``/ready`` shows too; the node's heartbeat.
+Every ``QUEUE_DEPTH_PERIOD`` the operators' pending counts are read for ``/metrics``
+(``tdist.agent.exposition``: the workers' own metrics, merged from the files they write in
+multiprocess mode, and the agent's). Worker entries come from a registry watch (no listing).
+The canary (``_canary_loop``) sends each serving worker
 a directed request every ``[canary] period`` (the built-in ``_ping`` unless the worker names
 one of its operators); ``failures`` failures in a row mark the worker unhealthy (``/ready`` 503,
 its registry entry's state ``unhealthy``) and the agent SIGKILLs it through supervisord, which
@@ -31,6 +37,10 @@ their registry entries are deleted, and supervisord starts again with one set of
 If supervisord dies ``SUPERVISORD_MAX_DEATHS`` times within ``SUPERVISORD_DEATH_WINDOW``
 seconds, the agent stops everything and exits 1, and systemd (``Restart=on-failure``) starts
 it afresh.
+
+systemd (``tdist.agent.notify``): READY=1 the first time the node is ready (``/ready`` 200),
+RELOADING=1 and READY=1 around each reload, STOPPING=1, and WATCHDOG=1 pings only while this
+loop goes round.
 
 SIGHUP (``reload``, in a task: ticks, the canary and HTTP go on meanwhile): the file is read
 again; an invalid one is logged and counted and the running set stays; a valid one is applied
@@ -60,9 +70,12 @@ from nats.aio.client import Client as NatsClient
 
 from tdist import names
 from tdist import __version__
+from tdist.agent import crashloop, exposition
 from tdist.agent.config import AgentConfig, AgentWorkerConfig, load_agent_config
+from tdist.agent.crashloop import CrashWatch, Failing
 from tdist.agent.gpus import GpuInfo, describe_gpus, detect_gpus
-from tdist.agent.notify import notify
+from tdist.agent.http_server import HttpServer
+from tdist.agent.notify import Watchdog, notify, watchdog_interval
 from tdist.agent.processes import (
     AgentStartError,
     PidFile,
@@ -87,6 +100,11 @@ log = get_logger("tdist.agent")
 TICK = 1.0
 TICK_TIMEOUT = 15.0
 """A tick that takes longer (supervisord or NATS stuck) is abandoned and logged."""
+WATCHDOG_STALE = TICK_TIMEOUT + 2 * TICK
+"""systemd's watchdog is pinged only if the main loop went round within this many seconds
+(a healthy loop goes round at least every TICK_TIMEOUT + TICK)."""
+QUEUE_DEPTH_PERIOD = 5.0
+"""Seconds between two reads of the operators' consumers' pending counts (``tdist_queue_depth``)."""
 NODE_TTL = 10.0
 RPC_TIMEOUT = 10.0
 """No RPC of the agent waits on a worker (stops poll), so each answers in well under this."""
@@ -118,7 +136,12 @@ class AgentStatus:
     canary_failures: dict[str, int] = field(default_factory=dict)
     unhealthy: dict[str, int] = field(default_factory=dict)
     """program -> the PID the canary found unhealthy (cleared when the process changes)."""
-    restarts: int = 0
+    restarts: dict[str, int] = field(default_factory=dict)
+    """program -> times its process was replaced."""
+    failing: dict[str, Failing] = field(default_factory=dict)
+    """program -> why it crash-loops (see tdist.agent.crashloop)."""
+    queue_depth: dict[tuple[str, int], int] = field(default_factory=dict)
+    """(operator, version) -> its shared consumer's num_pending, refreshed every QUEUE_DEPTH_PERIOD."""
     reloads: int = 0
     reload_failures: int = 0
     """Reloads refused (invalid file) or whose apply failed."""
@@ -146,8 +169,11 @@ class Agent:
         self.nc: NatsClient | None = None
         self.client: Client | None = None
         self.watch: RegistryWatch | None = None
-        self.http: asyncio.AbstractServer | None = None
+        self.http: HttpServer | None = None
         self.http_port = 0
+        self.metrics_dir: str | None = None
+        """The workers' PROMETHEUS_MULTIPROC_DIR (made by ``prepare``)."""
+        self.node_metrics = exposition.NodeMetrics(self, None)
         self.nats: NatsConfig = self.config.nats
         """The [nats] settings workers and the agent use: servers[0] with the embedded server's real port."""
         self.started_at = time.time()
@@ -158,7 +184,13 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._canary_task: asyncio.Task[None] | None = None
         self._reload_task: asyncio.Task[None] | None = None
+        self._depth_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
         self._deaths: deque[float] = deque()
+        self._crashes = CrashWatch()
+        self.watchdog = Watchdog(watchdog_interval(), WATCHDOG_STALE)
+        self.ready_notified = False
+        """READY=1 was sent to systemd (once /ready would answer 200)."""
 
     def _load(self) -> AgentConfig:
         """The file, with the command line's overrides (kept on every reload)."""
@@ -190,6 +222,9 @@ class Agent:
         for leftover in (cfg.directories.socket_path, self.nats_file):
             _unlink(leftover)
         shutil.rmtree(os.path.join(self.state_dir, NATS_RUN_DIR), ignore_errors=True)
+        # After the leftovers are gone, so no old worker writes there any more.
+        self.metrics_dir = exposition.fresh_dir(self.state_dir)
+        self.node_metrics = exposition.NodeMetrics(self, self.metrics_dir)
         self.gpus = self._gpus(cfg)
         self.programs = self._plan(cfg, self.gpus)
         if cfg.nats.embedded:
@@ -197,12 +232,13 @@ class Agent:
             _check_port(host, port, "nats.servers", "the embedded nats-server")
             if cfg.nats.monitor_port:
                 _check_port("127.0.0.1", cfg.nats.monitor_port, "nats.monitor_port", "its monitoring")
+        self.http = HttpServer(self.ready_body, self.metrics)
         try:
-            self.http = await asyncio.start_server(self._serve_http, cfg.http.host, cfg.http.port)
+            self.http_port = await self.http.start(cfg.http.host, cfg.http.port)
         except OSError as exc:
+            self.http = None
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise AgentStartError(f"http: cannot listen on {cfg.http.host}:{cfg.http.port}: {reason}") from None
-        self.http_port = self.http.sockets[0].getsockname()[1]
 
     async def start(self, stop: asyncio.Event) -> bool:
         """The embedded nats-server, the NATS connection (retried until it works or ``stop``),
@@ -214,8 +250,10 @@ class Agent:
         if not await self._connect(stop):
             return False
         await self._start_supervisord()
+        loop = asyncio.get_running_loop()
         if cfg.canary.period > 0:
-            self._canary_task = asyncio.get_running_loop().create_task(self._canary_loop())
+            self._canary_task = loop.create_task(self._canary_loop())
+        self._depth_task = loop.create_task(self._queue_depth_loop())
         log.info("agent_started", node=cfg.node.name, workers=[p.name for p in self.programs],
                  http=f"{cfg.http.host}:{self.http_port}", nats=self.nats.servers[0], gpus=[g.index for g in self.gpus])
         return True
@@ -316,8 +354,14 @@ class Agent:
         self._pids.set("supervisord", self.supervisord.pid)
 
     async def run(self, stop: asyncio.Event, reload: asyncio.Event) -> None:
-        """Watch until ``stop``; apply the file again whenever ``reload`` is set (one reload at a time)."""
+        """Watch until ``stop``; apply the file again whenever ``reload`` is set (one reload at a time).
+
+        Each round vouches for the agent to systemd's watchdog (``Watchdog.beat``); the first
+        round that finds the node ready says READY=1."""
+        self.watchdog.beat()
+        self._watchdog_task = asyncio.get_running_loop().create_task(self.watchdog.run())
         while not stop.is_set():
+            self.watchdog.beat()
             if reload.is_set() and (self._reload_task is None or self._reload_task.done()):
                 reload.clear()
                 self._reload_task = asyncio.get_running_loop().create_task(self.reload())
@@ -328,11 +372,19 @@ class Agent:
                 raise
             except Exception as exc:  # a passing failure (NATS reconnecting): log, keep watching
                 log.warning("agent_tick_failed", error=f"{type(exc).__name__}: {exc}")
+            self._notify_ready()
             try:
                 async with asyncio.timeout(TICK):
                     await _first(stop, reload)
             except TimeoutError:
                 pass
+
+    def _notify_ready(self) -> None:
+        """READY=1 the first time /ready would answer 200 (``systemctl start`` returns then)."""
+        if not self.ready_notified and self.ready():
+            self.ready_notified = True
+            notify(f"READY=1\nSTATUS=serving: {len(self.programs)} workers")
+            log.info("agent_ready", workers=len(self.programs))
 
     async def stop(self) -> None:
         """Drain the workers (supervisord sends SIGTERM and waits), deregister, stop, clean up.
@@ -341,13 +393,12 @@ class Agent:
         it only closes its HTTP socket (the state dir's processes are another agent's)."""
         if not self._lock.held:
             if self.http is not None:
-                self.http.close()
+                await _quietly(self.http.close())
             return
-        for task in (self._canary_task, self._reload_task):
-            if task is not None:
-                task.cancel()
-        await _quietly(asyncio.gather(*(t for t in (self._canary_task, self._reload_task) if t),
-                                      return_exceptions=True))
+        tasks = [t for t in (self._canary_task, self._reload_task, self._depth_task, self._watchdog_task) if t]
+        for task in tasks:
+            task.cancel()
+        await _quietly(asyncio.gather(*tasks, return_exceptions=True))
         budget = max((p.stopwaitsecs for p in self.programs), default=30) + 30
         if self.supervisord is not None:
             await self.supervisord.astop(timeout=budget)
@@ -361,8 +412,7 @@ class Agent:
                 log.warning("agent_deregister_failed", error=str(exc))
         await self._disconnect()
         if self.http is not None:
-            self.http.close()
-            await _quietly(self.http.wait_closed())
+            await _quietly(self.http.close())
         if self.nats_server is not None:
             await asyncio.to_thread(self.nats_server.stop)
         # Anything of ours still running (a worker that escaped supervisord's stop): gone now.
@@ -378,7 +428,8 @@ class Agent:
         try:
             await self._reload()
         finally:
-            notify("READY=1")  # ends systemd's RELOADING=1 (sent by the SIGHUP handler)
+            if self.ready_notified:  # ends systemd's RELOADING=1 (sent by the SIGHUP handler)
+                notify("READY=1")
 
     async def _reload(self) -> None:
         try:
@@ -411,6 +462,8 @@ class Agent:
             log.error("reload_apply_failed", error=f"{type(exc).__name__}: {exc}")
             return
         self.status.reloads += 1
+        for name in (*diff.added, *diff.changed, *diff.removed):
+            self._crashes.forget(name)  # a new configuration starts a fresh history (a fixed worker recovers)
         log.info("reloaded", added=diff.added, changed=diff.changed, removed=diff.removed)
 
     # -- pieces -----------------------------------------------------------------
@@ -422,9 +475,11 @@ class Agent:
         return describe_gpus(list(cfg.node.gpus), detected)
 
     def _plan(self, cfg: AgentConfig, gpus: tuple[GpuInfo, ...]) -> tuple[Program, ...]:
+        # Workers write their metrics where the agent merges them (set before they import prometheus_client).
+        env = ((exposition.ENV, self.metrics_dir),) if self.metrics_dir else ()
         return plan_programs(cfg, gpus, taskset="taskset" if shutil.which("taskset") else None,
                              directory=os.getcwd(), command=worker_command(sys.executable, self.nats_file),
-                             prefix=die_with_parent())
+                             prefix=die_with_parent(), extra_env=env)
 
     @staticmethod
     def _write_conf(cfg: AgentConfig, programs: tuple[Program, ...]) -> str:
@@ -444,6 +499,7 @@ class Agent:
         pids = {i["name"]: int(i.get("pid") or 0) for i in infos}
         seen = self.watch.workers if self.watch is not None else {}
         entries = {p.worker_id: seen[p.worker_id] for p in self.programs if p.worker_id in seen}
+        clock = time.monotonic()
         for program in self.programs:
             before = self.status.pids.get(program.name, 0)
             now = pids.get(program.name, 0)
@@ -451,7 +507,9 @@ class Agent:
                 self.status.canary_failures.pop(program.name, None)
                 self.status.registered_pid.pop(program.name, None)
                 if before:
-                    self.status.restarts += 1
+                    self.status.restarts[program.name] = self.status.restarts.get(program.name, 0) + 1
+                    self._crashes.exited(program.name, clock)
+                    self._process_gone(before)
                     log.warning("worker_process_gone", program=program.name, worker=program.worker_id,
                                 old_pid=before, new_pid=now or None, state=states.get(program.name))
             if self.status.unhealthy.get(program.name, now) != now:
@@ -468,7 +526,41 @@ class Agent:
         for program in self.programs:
             self._pids.set(f"worker:{program.name}", pids.get(program.name))
         self._pids.keep_only(["nats-server", "supervisord", *(f"worker:{p.name}" for p in self.programs)])
+        if self.metrics_dir:  # live gauges of workers that started and died between two ticks
+            exposition.sweep(self.metrics_dir, keep=pids.values())
+        await self._check_failing({i["name"]: i for i in infos}, clock)
         await self._heartbeat(states)
+
+    def _process_gone(self, pid: int) -> None:
+        if self.metrics_dir:
+            exposition.process_gone(self.metrics_dir, pid)
+
+    async def _check_failing(self, infos: dict[str, dict[str, Any]], clock: float) -> None:
+        """Report crash-looping workers (tdist.agent.crashloop): a warning with the last lines of
+        their output when one starts failing and when it gives up (FATAL); /ready shows them.
+        A failing worker counts as recovered once it is up (running, registered, canary)."""
+        failing = self.status.failing
+        for gone in set(failing) - {p.name for p in self.programs}:
+            failing.pop(gone)
+        for program in self.programs:
+            info = infos.get(program.name, {})
+            state = info.get("statename")
+            known = failing.get(program.name)
+            if not self._crashes.failing(program.name, state, clock):
+                if known is None:
+                    continue
+                if self.worker_up(program):
+                    failing.pop(program.name)
+                    log.info("worker_recovered", program=program.name, worker=program.worker_id)
+                    continue
+            lines = await asyncio.to_thread(crashloop.tail, program.stdout_logfile)
+            exits = self._crashes.recent_exits(program.name, clock)
+            now = Failing(program.name, program.worker_id, state or "UNKNOWN", exits, program.stdout_logfile,
+                          lines, str(info.get("spawnerr") or ""))
+            failing[program.name] = now
+            if known is None or (now.state == "FATAL" and known.state != "FATAL"):
+                log.warning("worker_crash_looping", program=program.name, worker=program.worker_id, state=now.state,
+                            exits=exits, spawn_error=now.spawn_error or None, log=now.log, tail=lines)
 
     async def _heartbeat(self, states: dict[str, str]) -> None:
         assert self.nc is not None
@@ -496,6 +588,8 @@ class Agent:
         self._deaths.append(now)
         while self._deaths and now - self._deaths[0] > SUPERVISORD_DEATH_WINDOW:
             self._deaths.popleft()
+        for pid in self.status.pids.values():
+            self._process_gone(pid)
         self.status.states, self.status.entries = {}, {}
         self.status.registered_pid.clear()
         self.status.canary_failures.clear()
@@ -598,94 +692,57 @@ class Agent:
     def ready(self) -> bool:
         """supervisord and NATS up, and every desired worker RUNNING, registered by that very
         process, and answering the canary."""
-        return self.services_up() and bool(self.programs) and all(self._up(p) for p in self.programs)
+        return self.services_up() and bool(self.programs) and all(self.worker_up(p) for p in self.programs)
 
-    def _up(self, program: Program) -> bool:
+    def worker_up(self, program: Program) -> bool:
+        """RUNNING, registered by that very process, and not found unhealthy by the canary."""
         entry = self.status.entries.get(program.worker_id)
         return (self.status.states.get(program.name) == "RUNNING" and entry is not None
                 and entry.pid == self.status.pids.get(program.name) and program.name not in self.status.unhealthy)
 
-    def metrics(self) -> str:
-        lines = [
-            "# HELP tdist_agent_workers Worker processes by supervisord state.",
-            "# TYPE tdist_agent_workers gauge",
-        ]
-        counts: dict[str, int] = {}
-        for state in self.status.states.values():
-            counts[state] = counts.get(state, 0) + 1
-        lines += [f'tdist_agent_workers{{state="{s}"}} {n}' for s, n in sorted(counts.items())]
-        lines += ["# HELP tdist_agent_worker_up 1 if the worker is RUNNING, registered and answers the canary.",
-                  "# TYPE tdist_agent_worker_up gauge"]
-        for p in self.programs:
-            up = int(self._up(p))
-            lines.append(f'tdist_agent_worker_up{{worker="{p.worker_id}",program="{p.name}"}} {up}')
-        per_worker = [
-            ("tdist_worker_requests_total", "counter", "Requests the worker finished.", lambda w: w.served),
-            ("tdist_worker_inflight_requests", "gauge", "Requests running now.",
-             lambda w: sum(op.inflight for op in w.operators)),
-            ("tdist_worker_data_plane_pulled_bytes_total", "counter", "Tensor bytes pulled from peers.",
-             lambda w: w.bytes_pulled),
-            ("tdist_worker_data_plane_served_bytes_total", "counter", "Tensor bytes served to peers.",
-             lambda w: w.bytes_served),
-            ("tdist_worker_tensors_held", "gauge", "Tensor references held for consumers.", lambda w: w.tensors_held),
-        ]
-        for name, kind, doc, value in per_worker:  # from the workers' registry entries (heartbeat-fresh)
-            lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
-            lines += [f'{name}{{worker="{wid}"}} {value(w)}' for wid, w in sorted(self.status.entries.items())]
-        s = self.status
-        counters = [
-            ("tdist_agent_worker_restarts_total", s.restarts),
-            ("tdist_agent_reloads_total", s.reloads),
-            ("tdist_agent_reload_failures_total", s.reload_failures),
-            ("tdist_agent_reload_apply_failures_total", s.reload_apply_failures),
-            ("tdist_agent_supervisord_restarts_total", s.supervisord_restarts),
-            ("tdist_agent_canary_requests_total", s.canary_sent),
-            ("tdist_agent_canary_failures_total", s.canary_failed),
-            ("tdist_agent_canary_restarts_total", s.canary_restarts),
-        ]
-        for name, value in counters:
-            lines += [f"# TYPE {name} counter", f"{name} {value}"]
-        lines += [
-            "# TYPE tdist_agent_ready gauge", f"tdist_agent_ready {int(self.ready())}",
-            "# TYPE tdist_agent_uptime_seconds gauge", f"tdist_agent_uptime_seconds {time.time() - self.started_at:.1f}",
-        ]
-        return "\n".join(lines) + "\n"
+    def uptime(self) -> float:
+        return time.time() - self.started_at
+
+    async def metrics(self) -> bytes:
+        """``/metrics``: the workers' families, the agent's own, build info (tdist.agent.exposition)."""
+        return await self.node_metrics.render()
 
     def ready_body(self) -> dict[str, Any]:
+        """``/ready``'s JSON. ``failing``: per crash-looping worker, its state and last output lines."""
         return {
             "ready": self.ready(), "workers": self.status.states, "nats": self.nats.servers[0],
             "nats_connected": bool(self.nc is not None and self.nc.is_connected), "nats_error": self.status.nats_error,
             "stream_mismatch": self.status.stream_mismatch,
             "supervisord": bool(self.supervisord is not None and self.supervisord.alive),
             "unhealthy": sorted(self.status.unhealthy),
+            "failing": {name: f.to_json() for name, f in sorted(self.status.failing.items())},
         }
 
-    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            if path == "/live":
-                code, body, ctype = 200, "live\n", "text/plain"
-            elif path == "/ready":
-                info = self.ready_body()
-                code, ctype = (200 if info["ready"] else 503), "application/json"
-                body = json.dumps(info) + "\n"
-            elif path == "/metrics":
-                code, body, ctype = 200, self.metrics(), "text/plain; version=0.0.4"
-            else:
-                code, body, ctype = 404, "not found: try /live, /ready or /metrics\n", "text/plain"
-            data = body.encode()
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
-            writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + data)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+    # -- queue depth --------------------------------------------------------------
+
+    async def _queue_depth_loop(self) -> None:
+        """Every QUEUE_DEPTH_PERIOD, each configured operator's pending count (off the scrape path)."""
+        while True:
+            await self._refresh_queue_depth()
+            await asyncio.sleep(QUEUE_DEPTH_PERIOD)
+
+    async def _refresh_queue_depth(self) -> None:
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            self.status.queue_depth = {}
+            return
+        js = nc.jetstream()
+        stream = names.stream_name(self.config.request_plane.namespace)
+        operators = sorted({(o.name, o.version) for w in self.config.workers for o in w.worker.operators})
+        depth: dict[tuple[str, int], int] = {}
+        for name, version in operators:
+            try:
+                async with asyncio.timeout(2.0):
+                    info = await js.consumer_info(stream, names.shared_consumer(name, version))
+            except Exception:  # no consumer yet (no worker pulled), or NATS is reconnecting: no sample
+                continue
+            depth[(name, version)] = int(info.num_pending or 0)
+        self.status.queue_depth = depth
 
 
 async def _first(*events: asyncio.Event) -> None:

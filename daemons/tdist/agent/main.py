@@ -32,7 +32,7 @@ from tdist import logs  # noqa: E402
 from tdist.agent.config import AgentConfig, load_agent_config  # noqa: E402
 from tdist.agent.daemon import Agent  # noqa: E402
 from tdist.agent.host_checks import IMPORT_TIMEOUT, check_host  # noqa: E402
-from tdist.agent.notify import notify  # noqa: E402
+from tdist.agent.notify import notify, reloading  # noqa: E402
 from tdist.cli_common import (  # noqa: E402
     EXIT_FAILURE,
     EXIT_OK,
@@ -159,7 +159,7 @@ async def run(config_path: str, nats: NatsOverrides | None = None, http_port: in
         loop.add_signal_handler(sig, stop.set)
 
     def on_hup() -> None:
-        notify("RELOADING=1")
+        reloading()  # at once, not at the main loop's next round: systemd ties it to its reload
         reload.set()
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -169,11 +169,10 @@ async def run(config_path: str, nats: NatsOverrides | None = None, http_port: in
         await agent.prepare()
         # The first line on stdout (launchers and tests read it): HTTP answers from now on.
         print(f"{PROG}: starting, http on port {agent.http_port}", flush=True)
-        # Ready for systemd = handlers installed and /live answering; whether the workers serve is
-        # /ready's business (NATS may be unreachable for a while, which must not fail the unit's start).
-        notify(f"READY=1\nSTATUS=starting: NATS, then {len(agent.programs)} workers")
+        # READY=1 comes from agent.run once /ready would answer 200 (systemctl start returns then).
+        notify(f"STATUS=starting: NATS, then {len(agent.programs)} workers")
         if await agent.start(stop):
-            notify(f"STATUS=serving: {len(agent.programs)} workers")
+            notify(f"STATUS=waiting for {len(agent.programs)} workers")
             await agent.run(stop, reload)
     finally:
         notify("STOPPING=1")

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tdist import tensors
+from tdist import metrics, tensors
 from tdist.config import DataPlaneConfig
 from tdist.data_plane.descriptor import TensorRef
 from tdist.data_plane.store import TensorStore
@@ -116,7 +116,9 @@ class DataPlane:
         while True:
             await asyncio.sleep(min(1.0, self.config.lease / 4))
             expired = self.store.expire(time.monotonic())
+            metrics.STORE_BYTES.set(self.store.bytes_used)
             if expired:
+                metrics.LEASES_EXPIRED.inc(len(expired))
                 log.info("tensor_leases_expired", count=len(expired))
                 self._notify_release()
 
@@ -146,6 +148,7 @@ class DataPlane:
     def serve_get(self, tensor_id: str) -> Any:
         data = self.store.get(tensor_id)
         self.bytes_served += int(data.nbytes)
+        metrics.DATA_PLANE_BYTES.labels("served").inc(int(data.nbytes))
         return data
 
     def serve_reference(self, tensor_id: str) -> str:
@@ -178,6 +181,8 @@ class DataPlane:
             assert self.transport is not None
             await self.transport.fetch(ref.address, ref.tensor_id, out, self.config.pull_timeout)
             self.bytes_pulled += ref.nbytes
+            metrics.DATA_PLANE_BYTES.labels("pulled").inc(ref.nbytes)
+            metrics.DATA_PLANE_PULLS.inc()
         return self._typed(out, ref)
 
     @staticmethod
