@@ -58,7 +58,7 @@ async def test_a_port_in_use_fails_at_once_in_one_line_with_nothing_started(
             else:
                 assert line.startswith(f"tdist-agent: nats.servers: 127.0.0.1:{nats_port} is in use")
             assert processes_of(state) == {"nats-server": [], "supervisord": [], "worker": [], "other": []}
-            assert not (tmp_path / "logs" / "nats-server.log").exists()  # the server never started
+            assert not (tmp_path / "logs" / "nats-server.out").exists()  # the server never started
             assert not (state / "supervisord.conf").exists()
         finally:
             cleanup(state, agent)

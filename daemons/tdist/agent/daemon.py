@@ -265,7 +265,7 @@ class Agent:
         self.nats_server = EmbeddedNatsServer(NatsServerOptions(
             host=host, port=port, monitor_port=n.monitor_port,
             store_dir=os.path.join(self.state_dir, "nats"),
-            log_file=os.path.join(cfg.directories.log_dir, "nats-server.log"),
+            log_file=os.path.join(cfg.directories.log_dir, "nats-server.out"),
             user=n.user, password=n.password, token=n.token,
             tls_cert_file=n.tls_cert_file, tls_key_file=n.tls_key_file,
             work_dir=os.path.join(self.state_dir, NATS_RUN_DIR),

@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = urlparse(nats_url)
             port = args.nats_port if args.nats_port is not None else (where.port or 4222)
             server = EmbeddedNatsServer(NatsServerOptions(host=where.hostname or "127.0.0.1", port=port,
-                                                          log_file=str(log_dir / "nats-server.log")))
+                                                          log_file=str(log_dir / "nats-server.out")))
             server.start()
             nats_url = server.url
             print(f"nats-server up at {nats_url} (pid {server.pid}, JetStream), namespace {namespace!r}", flush=True)

@@ -126,6 +126,10 @@ GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 RESTRICTED_APIS: tuple[str, ...] = ("model-repository", "shared-memory")
 """Triton APIs that need :data:`CONTROL_HEADER` (``--http-restricted-api``, ``--grpc-restricted-protocol``)."""
 
+TRITON_LOG_ENV = "TDIST_TRITON_LOG_FILE"
+"""Where a server writes its (plain-text) log when no ``log_file`` is given: a worker sets it to
+``<its log>.triton.out`` so that the log outlives the server and sits in the log dir."""
+
 PARENT_DEATH_MODES: tuple[str, ...] = ("auto", "setpriv", "watchdog")
 
 
@@ -490,7 +494,8 @@ class TritonServer:
         try:
             backends = self._prepare_backends(self._workdir)
             env = self._environment(stub_site)
-            self._log_path = Path(o.log_file) if o.log_file else self._workdir / "triton.log"
+            log_file = o.log_file or os.environ.get(TRITON_LOG_ENV)
+            self._log_path = Path(log_file) if log_file else self._workdir / "triton.log"
             guard = self.parent_death
             with open(self._log_path, "ab") as log:
                 self._spawn(self._command(backends), env, log, guard)

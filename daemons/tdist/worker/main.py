@@ -19,9 +19,11 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -176,6 +178,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except ConfigError as exc:
         print(f"tdist-worker: configuration error: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
+    if wf.logging.file:  # Triton's plain-text log beside ours, not in a temp dir gone with the server
+        os.environ.setdefault("TDIST_TRITON_LOG_FILE", str(Path(wf.logging.file).with_suffix(".triton.out")))
     logs.configure(wf.logging.level, file=wf.logging.file, rotate_bytes=wf.logging.rotate_bytes,
                    backups=wf.logging.backups, component="worker", node=wf.worker.node)
     try:
