@@ -34,7 +34,8 @@ async def test_twenty_thousand_requests_leave_memory_flat_and_nothing_behind(
     nats_config: NatsConfig, deployed: RequestPlaneConfig, worker_processes: WorkerProcesses
 ) -> None:
     rp = deployed
-    wp = worker_processes.start("soak", operator_flag("echo", "Counting", max_inflight=CONCURRENCY),
+    # A TTL well above a heartbeat delayed by the load (the default 2 s can lapse on a busy machine).
+    wp = worker_processes.start("soak", operator_flag("echo", "Counting", max_inflight=CONCURRENCY), registry_ttl=10.0,
                                 extra=["--inline-threshold", "4096"])
     async with Client(nats_config, request_plane=rp, data_plane=DataPlaneConfig(inline_threshold=4096)) as client:
         op = client.operator("echo")
