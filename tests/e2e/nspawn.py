@@ -416,6 +416,13 @@ def _ns_pid1(root_pid: int) -> int | None:
     return None
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -497,11 +504,21 @@ class Container:
                                    f"{tail(self.console.read_text(errors='replace'), 40)}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no PID 1 in {self.name} after {timeout} s")
-            self.pid1 = _ns_pid1(self.proc.pid)
+            pid = _ns_pid1(self.proc.pid)
+            # nspawn's own child is PID 1 of the namespace until it executes systemd.
+            if pid is not None and _comm(pid) == "systemd":
+                self.pid1 = pid
             time.sleep(0.2)
-        remaining = max(10, int(deadline - time.monotonic()))
-        state = self.sh(f"timeout {remaining} systemctl is-system-running --wait", check=False,
-                        timeout=remaining + 10).stdout.strip()
+        state = ""
+        while not state:
+            remaining = max(10, int(deadline - time.monotonic()))
+            proc = self.sh(f"timeout {remaining} systemctl is-system-running --wait", check=False,
+                           timeout=remaining + 10)
+            state = proc.stdout.strip()
+            if not state:  # the bus is not up yet
+                if time.monotonic() > deadline:
+                    state = f"unknown ({proc.stderr.strip()})"
+                time.sleep(0.5)
         log(f"{self.name}: PID 1 is {self.pid1}; system state: {state}")
         if state == "degraded":
             log(f"{self.name}: failed units: " + self.sh("systemctl --failed --no-legend --plain", check=False).stdout.strip())
