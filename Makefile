@@ -6,7 +6,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml scripts/setup-venv.sh | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv wheelhouse clean
+
+# Where `make wheelhouse` puts the wheels (ansible/ copies them to the hosts).
+WHEELHOUSE ?= dist/wheelhouse
 
 venv: $(STAMP)
 
@@ -27,6 +30,24 @@ bench: $(STAMP)
 	$(PY) benchmarks/data_plane.py
 	$(PY) benchmarks/triton_operator.py
 	$(PY) benchmarks/hello_world.py
+
+# tdist and every dependency as wheels, for hosts that install with no index (air-gapped GPU
+# hosts; ansible/roles/tdist_agent and nats_server). Built for .venv's CPython (3.11: Debian 12's
+# python3 on the hosts). Also nvidia-pytriton (its Triton server; installed --no-deps, as in
+# scripts/setup-venv.sh) and numpy<2 (the Triton stub site). Wheels already in the directory are
+# reused; SHA256SUMS lists them all (the role reinstalls when it changes). The tdist wheel is built
+# from a copy of the tree, so nothing is written into it.
+wheelhouse: $(STAMP)
+	@mkdir -p $(WHEELHOUSE)
+	@rm -f $(WHEELHOUSE)/tdist-*.whl $(WHEELHOUSE)/SHA256SUMS
+	@src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
+	  tar -c --exclude=__pycache__ --exclude='*.egg-info' pyproject.toml README.md daemons | tar -x -C "$$src" && \
+	  $(PY) -m pip wheel --quiet --disable-pip-version-check --find-links $(WHEELHOUSE) \
+	    --wheel-dir $(WHEELHOUSE) "$$src" && \
+	  $(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps --find-links $(WHEELHOUSE) \
+	    --wheel-dir $(WHEELHOUSE) 'nvidia-pytriton==0.7.0' 'numpy<2'
+	@cd $(WHEELHOUSE) && sha256sum *.whl > SHA256SUMS
+	@echo "wheelhouse: $(WHEELHOUSE) ($$(ls $(WHEELHOUSE)/*.whl | wc -l) wheels, $$(du -sh $(WHEELHOUSE) | cut -f1))"
 
 clean:
 	rm -rf $(VENV) .pytest_cache logs
