@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/data_plane.py
 	$(PY) benchmarks/triton_operator.py
 	$(PY) benchmarks/hello_world.py
+	$(PY) benchmarks/scale.py
 
 # tdist and every dependency as wheels, for hosts that install with no index (air-gapped GPU
 # hosts; ansible/roles/tdist_agent and nats_server). Built for .venv's CPython (3.11: Debian 12's
