@@ -8,7 +8,7 @@
   real hosts: no shared memory), against a plain blocking-socket transfer of the
   same size between the same namespaces.
 
-Targets (DESIGN.md): same host >= 0.9 of memcpy at 64 MiB and >= 0.3 at 1 MiB, across hosts
+Targets (README, Performance): same host >= 0.9 of memcpy at 64 MiB and >= 0.3 at 1 MiB, across hosts
 >= 0.9 of the socket.
 
     python benchmarks/data_plane.py [--json] [--repeat 20]

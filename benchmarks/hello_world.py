@@ -11,7 +11,7 @@
 
 Both answer 1,000-int64 requests (input_copies 1) from this process with 64 in
 flight; every output is checked equal to its input. Rounds alternate tdist and raw
-and the medians are reported. Targets (DESIGN.md): tdist/raw >= 0.75, and >= 100x
+and the medians are reported. Targets (README, Performance): tdist/raw >= 0.75, and >= 100x
 the original's published 9.1 requests/s.
 
     python benchmarks/hello_world.py [--json] [--rounds 3] [--requests 2000]

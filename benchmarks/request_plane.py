@@ -5,7 +5,7 @@ Both run in the same invocation against the same embedded nats-server, with the
 responder in its own process and the caller in this one, 100-byte payloads:
 one request at a time (p50 latency) and 64 in flight (throughput). Rounds
 alternate raw and tdist so drift on a shared machine hits both alike; the
-medians over rounds are reported. Targets (DESIGN.md): throughput ratio >= 0.5,
+medians over rounds are reported. Targets (README, Performance): throughput ratio >= 0.5,
 p50 ratio <= 1.8.
 
     python benchmarks/request_plane.py [--json] [--rounds 3]

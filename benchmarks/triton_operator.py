@@ -7,7 +7,7 @@ gRPC port (from the child's command line in /proc) and calls the very same serve
 directly with tritonclient's gRPC aio client (through tdist.triton.TritonClient,
 shared_memory="off": the same client code the operator uses, minus tdist). Requests
 are one at a time, 1,000 int64 each; rounds alternate direct and tdist and the
-medians over rounds are reported. Target (DESIGN.md): tdist p50 <= 1.5x direct p50.
+medians over rounds are reported. Target (README, Performance): tdist p50 <= 1.5x direct p50.
 
     python benchmarks/triton_operator.py [--json] [--rounds 3] [--requests 500]
 """

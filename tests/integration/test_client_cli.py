@@ -10,20 +10,26 @@ import asyncio
 import json
 import sys
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import pytest
 
-from tdist.client.cli import check, request_inputs
+from tdist.client.cli import echoed
+from tdist.hello_world.checks import CHECKS
 from tdist.config import OperatorConfig
 from tests.conftest import operator
 
 pytestmark = [pytest.mark.timeout(120)]
 
 
-async def cli(*args: str, timeout: float = 90.0) -> tuple[int, str, str]:
+async def cli(*args: str, timeout: float = 90.0, program: tuple[str, ...] = ("-m", "tdist.client.cli")
+              ) -> tuple[int, str, str]:
     """Run ``python -m tdist.client.cli ARGS``; without blocking the loop the workers run on."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tdist.client.cli", *args,
+        sys.executable, *program, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -94,6 +100,41 @@ async def test_other_operators_are_not_checked(workers, conn: list[str]) -> None
     assert summary["checked"] is False and summary["echoed"] == 0 and summary["errors"] == 0
 
 
+@dataclass(frozen=True)
+class AppendsZero:
+    """A check plugged into ``main``: the answer is the input with a 0 appended (WrongEcho)."""
+
+    def inputs(self, x: np.ndarray, copies: int) -> dict[str, np.ndarray]:
+        return {"input": x}
+
+    def problem(self, x: np.ndarray, copies: int, outputs: Mapping[str, Any]) -> str | None:
+        got = outputs.get("output")
+        return None if got is not None and np.array_equal(got, np.append(x, np.int64(0))) else "no zero appended"
+
+    def size_factor(self, copies: int) -> int:
+        return 1
+
+
+PLUGGED = ("-c", "import sys; from tdist.client.cli import main; "
+                 "from tests.integration.test_client_cli import AppendsZero; "
+                 "sys.exit(main(sys.argv[1:], checks={'appends': AppendsZero()}))")
+
+
+@pytest.mark.parametrize("clients", ["1", "2"])  # 2: the check is pickled into the client processes
+async def test_a_check_plugged_into_main_judges_the_answers(workers, conn: list[str], clients: str) -> None:
+    await workers("w", operator("appends", "WrongEcho", max_inflight=4))
+    await workers("ed", operator("encoder_decoder", "WrongEcho", max_inflight=4))
+    args = ("--requests", "8", "--clients", clients, "--concurrency", "2", "--json", "--no-progress")
+    code, out, err = await cli(*conn, "--operator", "appends", *args, program=PLUGGED)
+    assert code == 0, (out, err)
+    summary = last_json(out)
+    assert summary["checked"] is True and summary["answered"] == 8 and summary["mismatches"] == 0
+    # The table replaces the default one: encoder_decoder is now unchecked, its wrong answers pass.
+    code, out, err = await cli(*conn, *args, program=PLUGGED)
+    assert code == 0, (out, err)
+    assert last_json(out)["checked"] is False
+
+
 async def test_ls_lists_the_running_worker(workers, conn: list[str]) -> None:
     worker = await workers("ed", operator("encoder_decoder", "OutputEcho", max_inflight=3))
     code, out, err = await cli("ls", *conn)
@@ -121,14 +162,18 @@ async def test_configuration_errors_exit_2(args: list[str]) -> None:
 
 def test_checks() -> None:
     x = np.arange(-3, 4, dtype=np.int64)
-    assert check("encoder_decoder", x, 2, {"output": x.copy()}) is None
-    assert check("encoder_decoder", x, 2, {"output": x + 1}) is not None
-    assert check("encoder_decoder", x, 2, {"output": x.astype(np.int32)}) is not None
-    assert check("encoder_decoder", x, 2, {}) is not None
-    enc = {"output": np.tile(~x, 2), "input_copies": np.array([2], dtype=np.int64)}
-    assert check("encoder", x, 2, enc) is None
-    assert check("encoder", x, 3, enc) is not None
-    sent = request_inputs("decoder", x, 2)
+    ed, enc, dec = CHECKS["encoder_decoder"], CHECKS["encoder"], CHECKS["decoder"]
+    assert ed.problem(x, 2, {"output": x.copy()}) is None
+    assert ed.problem(x, 2, {"output": x + 1}) is not None
+    assert ed.problem(x, 2, {"output": x.astype(np.int32)}) is not None
+    assert ed.problem(x, 2, {}) is not None
+    encoded = {"output": np.tile(~x, 2), "input_copies": np.array([2], dtype=np.int64)}
+    assert enc.inputs(x, 2) == {"input": x}
+    assert enc.problem(x, 2, encoded) is None
+    assert enc.problem(x, 3, encoded) is not None
+    sent = dec.inputs(x, 2)
     assert np.array_equal(sent["input"], np.tile(~x, 2)) and sent["input_copies"].tolist() == [2]
-    assert check("decoder", x, 2, {"output": x}) is None
-    assert check("something", x, 2, {"output": x + 1}) is None
+    assert dec.problem(x, 2, {"output": x}) is None
+    assert dec.problem(x, 2, {"output": x[::-1]}) is not None
+    assert "something" not in CHECKS  # other operators are called unchecked
+    assert echoed(x, {"input": x}) and echoed(x, {"output": x}) and not echoed(x, {"output": x + 1})

@@ -1,4 +1,4 @@
-"""The request-plane contract (DESIGN.md), point by point, against a real nats-server."""
+"""The request-plane contract (docs/architecture.md), point by point, against a real nats-server."""
 
 from __future__ import annotations
 

@@ -189,7 +189,8 @@ def run_command(opts: argparse.Namespace) -> int:
         return EXIT_USAGE
     for name in NATS_ENV:  # read once: supervisord, the workers and Triton do not inherit them
         os.environ.pop(name, None)
-    logs.configure(cfg.logging.level, file=cfg.logging.file, component="agent", node=cfg.node.name)
+    logs.configure(cfg.logging.level, file=cfg.logging.file, rotate_bytes=cfg.logging.rotate_bytes,
+                   backups=cfg.logging.backups, component="agent", node=cfg.node.name)
     try:
         return asyncio.run(run(opts.config, nats, opts.http_port))
     except ConfigError as exc:

@@ -5,7 +5,7 @@ Three mechanisms, each covering what the others miss:
 * **Parent-death signal.** supervisord, the embedded nats-server and every worker are started
   through ``setpriv --pdeathsig KILL --`` (util-linux): the kernel sends SIGKILL when the
   parent dies, even when the parent was SIGKILLed. No Python runs between fork and exec
-  (``preexec_fn`` would force a plain fork, a trap with gRPC threads, see platform-facts §4).
+  (``preexec_fn`` would force a plain fork, a trap with gRPC threads: see tdist.triton.server).
   The signal is tied to the parent *thread*, so the agent spawns these children from its
   main thread only. Triton servers already die with their worker the same way.
 * **A marker in the environment.** Every child gets ``TDIST_AGENT_STATE_DIR=<state dir>``,

@@ -1,4 +1,4 @@
-"""``tdist-client``: the hello world's benchmark client, and a view of the live workers.
+"""``tdist-client``: a benchmark client for any operator, and a view of the live workers.
 
     tdist-client [run] --requests 1000 --concurrency 16 --clients 4    # encoder_decoder by default
     tdist-client run --operator encoder --input-copies 3 --json
@@ -7,10 +7,12 @@
 
 ``run`` is the default command: ``tdist-client --requests 10`` runs the benchmark.
 Every request carries an INT64 ``input`` of random values (length drawn from a normal law) and
-the request parameters ``input_copies`` and ``delay``. Answers of ``encoder_decoder``,
-``encoder`` and ``decoder`` are checked; a wrong answer counts as an error. Other operators are
-called the same way, their answers unchecked. Prints the conditions, the counts, the wall time,
-``Throughput: X requests/s`` and latency percentiles (``--json``: one JSON object, last line).
+the request parameters ``input_copies`` and ``delay``. An operator with an answer check (the hello
+world's ``encoder_decoder``, ``encoder`` and ``decoder``: tdist.hello_world.checks) gets the
+inputs its check makes, and a wrong answer counts as an error. Other operators are sent
+``input``, their answers unchecked (counted when they echo it). Prints the conditions, the counts,
+the wall time, ``Throughput: X requests/s`` and latency percentiles (``--json``: one JSON object,
+last line).
 
 Credentials: ``--user`` with ``--password-file FILE`` (or ``--token-file``, ``--creds``), or the
 environment: ``TDIST_NATS_URL``, ``TDIST_NATS_USER``, ``TDIST_NATS_PASSWORD``, ``TDIST_NATS_TOKEN``,
@@ -60,12 +62,12 @@ from tdist.cli_common import (
 from tdist.client import Client
 from tdist.config import NatsConfig, RequestPlaneConfig
 from tdist.errors import ConfigError, TdistError
+from tdist.hello_world.checks import CHECKS as HELLO_WORLD_CHECKS
 from tdist.progress import Progress
 from tdist.registry import WorkerInfo
 from tdist.names import check_name
 
 PROG = "tdist-client"
-CHECKED = ("encoder_decoder", "encoder", "decoder")
 MAX_ERROR_LINES = 10
 STOPPING = "stopping: waiting for the requests in flight (Ctrl-C again to abort)"
 PROGRESS_FLUSH = 0.1  # seconds between progress messages from a client process
@@ -233,43 +235,39 @@ def settings_from(args: argparse.Namespace) -> Settings:
 # Requests and their checks
 
 
+class AnswerCheck(Protocol):
+    """What the benchmark sends an operator for an input ``x`` and how it judges the answer.
+
+    ``copies`` is ``--input-copies`` (also sent as the request parameter ``input_copies``). An
+    instance must pickle: ``--clients N`` sends it to each client process. ``main(checks=...)``
+    takes a table of them by operator name; the default is the hello world's
+    (``tdist.hello_world.checks.CHECKS``)."""
+
+    def inputs(self, x: np.ndarray, copies: int) -> dict[str, np.ndarray]:
+        """The request's input tensors."""
+        ...
+
+    def problem(self, x: np.ndarray, copies: int, outputs: Mapping[str, Any]) -> str | None:
+        """Why the answer is wrong (one line), or None."""
+        ...
+
+    def size_factor(self, copies: int) -> int:
+        """The largest tensor sent or answered, in multiples of ``x``'s bytes."""
+        ...
+
+
 def make_input(rng: np.random.Generator, s: Settings) -> np.ndarray:
     n = max(0, int(round(float(rng.normal(s.input_size_mean, s.input_size_stdev)))))
     return rng.integers(INT64.min, INT64.max, size=n, dtype=np.int64, endpoint=True)
 
 
-def request_inputs(operator: str, x: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """What to send for input ``x``: the decoder gets what the encoder would have made of it."""
-    if operator == "decoder":
-        return {"input": np.tile(~x, k), "input_copies": np.array([k], dtype=np.int64)}
-    return {"input": x}
-
-
-def _differs(name: str, got: Any, want: np.ndarray) -> str | None:
-    if got is None:
-        return f"no output {name!r}"
-    got = np.asarray(got)
-    if got.dtype != want.dtype or got.shape != want.shape:
-        return f"{name}: expected {want.dtype}{list(want.shape)}, got {got.dtype}{list(got.shape)}"
-    if not np.array_equal(got, want):
-        bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
-        return f"{name}: {bad.size} of {want.size} values differ (first at index {bad[0]})"
-    return None
-
-
-def check(operator: str, x: np.ndarray, k: int, outputs: Mapping[str, Any]) -> str | None:
-    """Why the answer to input ``x`` is wrong, or None (also for operators it cannot check)."""
-    if operator in ("encoder_decoder", "decoder"):
-        return _differs("output", outputs.get("output"), x)
-    if operator == "encoder":
-        return (_differs("output", outputs.get("output"), np.tile(~x, k))
-                or _differs("input_copies", outputs.get("input_copies"), np.array([k], dtype=np.int64)))
-    return None
-
-
 def echoed(x: np.ndarray, outputs: Mapping[str, Any]) -> bool:
     """For unchecked operators: did the answer carry the input back (as ``output`` or ``input``)?"""
-    return any(_differs(name, outputs[name], x) is None for name in ("output", "input") if name in outputs)
+    for name in ("output", "input"):
+        got = np.asarray(outputs[name]) if name in outputs else None
+        if got is not None and got.dtype == x.dtype and got.shape == x.shape and np.array_equal(got, x):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +297,9 @@ class Reporter(Protocol):
     def finish(self, result: ClientResult) -> None: ...
 
 
-async def run_client(s: Settings, index: int, share: int, reporter: Reporter) -> ClientResult:
+async def run_client(s: Settings, index: int, share: int, reporter: Reporter,
+                     check: AnswerCheck | None = None) -> ClientResult:
+    """Run ``share`` requests, ``s.concurrency`` at a time; ``check`` None: answers unchecked."""
     rng = np.random.default_rng([s.seed, index])
     result = ClientResult(index)
     params = {"input_copies": s.input_copies, "delay": s.delay}
@@ -316,7 +316,7 @@ async def run_client(s: Settings, index: int, share: int, reporter: Reporter) ->
                 reporter.error(f"request {index}.{i}: {kind}: {message}"[:300])
 
         async def one(i: int, x: np.ndarray) -> None:
-            inputs = request_inputs(s.operator, x, s.input_copies)
+            inputs = check.inputs(x, s.input_copies) if check is not None else {"input": x}
             started = time.perf_counter()
             try:
                 resp = await op.infer(inputs, parameters=params, timeout=s.timeout)
@@ -326,12 +326,11 @@ async def run_client(s: Settings, index: int, share: int, reporter: Reporter) ->
             result.latencies.append(time.perf_counter() - started)
             result.answered += 1
             result.served_by[resp.worker_id] += 1
-            problem = check(s.operator, x, s.input_copies, resp.outputs)
-            if problem is not None:
+            if check is None:
+                result.echoed += echoed(x, resp.outputs)
+            elif (problem := check.problem(x, s.input_copies, resp.outputs)) is not None:
                 result.mismatches += 1
                 fail(i, "WrongAnswer", f"{problem} (worker {resp.worker_id})")
-            elif s.operator not in CHECKED and echoed(x, resp.outputs):
-                result.echoed += 1
 
         async def lane() -> None:
             while result.sent < share and not reporter.stopping():
@@ -343,7 +342,7 @@ async def run_client(s: Settings, index: int, share: int, reporter: Reporter) ->
                 finally:
                     reporter.done(1)
 
-        if may_go_by_reference(s, client.data_plane_config.inline_threshold):
+        if may_go_by_reference(s, check, client.data_plane_config.inline_threshold):
             await client.data_plane.get()  # start UCX now, not inside the first timed requests
         await reporter.ready()
         started = time.perf_counter()
@@ -354,10 +353,10 @@ async def run_client(s: Settings, index: int, share: int, reporter: Reporter) ->
     return result
 
 
-def may_go_by_reference(s: Settings, inline_threshold: int) -> bool:
+def may_go_by_reference(s: Settings, check: AnswerCheck | None, inline_threshold: int) -> bool:
     """Can a request's input or answer be large enough to travel by reference (via UCX)?"""
-    copies = s.input_copies if s.operator in ("encoder", "decoder") else 1
-    return (s.input_size_mean + 4 * s.input_size_stdev) * 8 * copies >= inline_threshold
+    factor = check.size_factor(s.input_copies) if check is not None else 1
+    return (s.input_size_mean + 4 * s.input_size_stdev) * 8 * factor >= inline_threshold
 
 
 class LocalReporter:
@@ -420,12 +419,13 @@ class QueueReporter:
         self.events.put(("result", self.index, result))
 
 
-def client_process(s: Settings, index: int, share: int, events: Any, go: Any, stop: Any) -> None:
+def client_process(s: Settings, check: AnswerCheck | None, index: int, share: int, events: Any, go: Any,
+                   stop: Any) -> None:
     """Entry point of a spawned client process. The parent handles Ctrl-C (it sets ``stop``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.configure("error", component="client")  # the CLI reports failures itself
     try:
-        asyncio.run(run_client(s, index, share, QueueReporter(index, events, go, stop)))
+        asyncio.run(run_client(s, index, share, QueueReporter(index, events, go, stop), check))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
         events.put(("fatal", index, f"{type(exc).__name__}: {exc}"))
 
@@ -448,7 +448,7 @@ async def preflight(s: Settings) -> int:
     return len(hosts)
 
 
-def run_in_process(s: Settings) -> tuple[list[ClientResult], float]:
+def run_in_process(s: Settings, check: AnswerCheck | None) -> tuple[list[ClientResult], float]:
     progress = Progress(s.requests, label=s.operator) if s.progress else None
     reporter = LocalReporter(progress)
 
@@ -466,7 +466,7 @@ def run_in_process(s: Settings) -> tuple[list[ClientResult], float]:
 
         loop.add_signal_handler(signal.SIGINT, interrupt)
         try:
-            return await run_client(s, 0, s.requests, reporter)
+            return await run_client(s, 0, s.requests, reporter, check)
         finally:
             loop.remove_signal_handler(signal.SIGINT)
 
@@ -482,13 +482,13 @@ def run_in_process(s: Settings) -> tuple[list[ClientResult], float]:
     return [result], result.wall_s
 
 
-def run_processes(s: Settings) -> tuple[list[ClientResult], float]:
+def run_processes(s: Settings, check: AnswerCheck | None) -> tuple[list[ClientResult], float]:
     """Spawn one process per share, start them together once all are connected, aggregate."""
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     go, stop = ctx.Event(), ctx.Event()
     shares = s.shares()
-    procs = [ctx.Process(target=client_process, args=(s, i, n, events, go, stop), name=f"{PROG}-{i}", daemon=True)
+    procs = [ctx.Process(target=client_process, args=(s, check, i, n, events, go, stop), name=f"{PROG}-{i}", daemon=True)
              for i, n in enumerate(shares)]
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: children start immune to Ctrl-C
     try:
@@ -579,7 +579,7 @@ def _ms(values: np.ndarray, q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1e3, 3) if values.size else None
 
 
-def summarize(s: Settings, results: list[ClientResult], wall_s: float) -> dict[str, Any]:
+def summarize(s: Settings, results: list[ClientResult], wall_s: float, checked: bool) -> dict[str, Any]:
     latencies = np.concatenate([np.asarray(r.latencies, dtype=np.float64) for r in results] or [np.zeros(0)])
     answered = sum(r.answered for r in results)
     fatal = [r.fatal for r in results if r.fatal]
@@ -590,7 +590,7 @@ def summarize(s: Settings, results: list[ClientResult], wall_s: float) -> dict[s
         "errors": sum(r.errors for r in results) + len(fatal),
         "mismatches": sum(r.mismatches for r in results),
         "error_kinds": dict(sum((r.error_kinds for r in results), Counter())),
-        "checked": s.operator in CHECKED,
+        "checked": checked,
         "wall_s": round(wall_s, 6),
         "throughput_rps": round(answered / wall_s, 3) if wall_s > 0 else 0.0,
         "p50_ms": _ms(latencies, 50),
@@ -636,19 +636,20 @@ def print_summary(summary: dict[str, Any]) -> None:
           f"(mean {ms('mean_ms')}, max {ms('max_ms')})")
 
 
-def run(s: Settings) -> int:
+def run(s: Settings, checks: Mapping[str, AnswerCheck]) -> int:
+    check = checks.get(s.operator)
     try:
         workers = asyncio.run(preflight(s))
         if not s.as_json:
             write_output(lambda: print(f"{workers} live worker(s) serve {s.operator}"))
-        results, wall = run_in_process(s) if len(s.shares()) == 1 else run_processes(s)
+        results, wall = run_in_process(s, check) if len(s.shares()) == 1 else run_processes(s, check)
     except TdistError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except Fatal as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    summary = summarize(s, results, wall)
+    summary = summarize(s, results, wall, checked=check is not None)
 
     def write() -> None:
         print_summary(summary)
@@ -719,7 +720,7 @@ def ls(s: Settings) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: Sequence[str] | None, checks: Mapping[str, AnswerCheck]) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
         args.command = "run"
@@ -730,14 +731,16 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_USAGE
     logs.configure("error", component="client")  # the CLI reports failures itself
     try:
-        return ls(s) if args.command == "ls" else run(s)
+        return ls(s) if args.command == "ls" else run(s, checks)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return quiet_pipe(lambda: _main(argv))
+def main(argv: Sequence[str] | None = None, checks: Mapping[str, AnswerCheck] = HELLO_WORLD_CHECKS) -> int:
+    """The ``tdist-client`` entry point. ``checks``: the answer check of each operator (operators
+    not in it are called unchecked); by default the hello world's."""
+    return quiet_pipe(lambda: _main(argv, checks))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The UCX transport (through ucxx): point-to-point pulls between processes.
 
 Addressing uses UCX *worker addresses*, not listeners: a listener binds 0.0.0.0
-and needs endpoint error handling, which rules out shared memory (see
-platform-facts, section 3). A process's address is published in descriptors.
+and needs endpoint error handling, which rules out UCX's shared memory (measured with
+ucxx 0.52 / UCX 1.21: the listener path with error handling off fails with "asymmetric
+endpoint configuration"). A process's address is published in descriptors.
 
 The protocol is tag matching on the worker:
 

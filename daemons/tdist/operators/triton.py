@@ -1,6 +1,6 @@
 """The Triton operator: a model of a standard Triton model repository, served by a real
 Triton server running as a process beside the worker (the in-process ``tritonserver``
-API needs CPython 3.12 and NVIDIA's container; see platform-facts, section 4).
+API needs CPython 3.12 and NVIDIA's container; see tdist.triton.server).
 
 Operator parameters (TOML ``[workers.operators.parameters]``):
 

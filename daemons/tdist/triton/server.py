@@ -3,7 +3,7 @@
 On this platform the in-process ``tritonserver`` API cannot run (it needs CPython 3.12 and the NGC
 container's libraries), so a worker runs the ``tritonserver`` binary bundled in the PyPI package
 ``nvidia-pytriton`` as its child process and talks to it over HTTP/gRPC on 127.0.0.1
-(reference/platform-facts.md, section 4). This module hides the traps:
+(measured on Debian 12 with nvidia-pytriton 0.7.0). This module hides the traps:
 
 * the binary's libraries live in ``site-packages/nvidia_pytriton.libs`` (LD_LIBRARY_PATH);
 * the python backend's stub for the running Python version must sit in the backend's directory,
