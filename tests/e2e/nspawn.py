@@ -45,6 +45,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tdist.process import alive
+
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("TDIST_TEST_CACHE", "/var/cache/tdist-test"))
 SUITE = "bookworm"
@@ -423,14 +425,6 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 class Container:
     """One Debian 12 host booted by systemd-nspawn from an overlay of the cached rootfs.
 
@@ -553,7 +547,7 @@ class Container:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(30)
-        if self.pid1 is not None and _alive(self.pid1):
+        if self.pid1 is not None and alive(self.pid1):
             os.kill(self.pid1, signal.SIGKILL)  # PID 1 of its namespace: the whole container goes
         if self.overlay:
             if run(["umount", str(self.root)], check=False, timeout=60).returncode != 0:
@@ -592,7 +586,7 @@ class Container:
         return self.exec(["sh", "-c", script], **kw)
 
     def journal(self, unit: str, lines: int = 80) -> str:
-        if self.pid1 is None or not _alive(self.pid1):
+        if self.pid1 is None or not alive(self.pid1):
             return ""
         proc = subprocess.run(["nsenter", "-t", str(self.pid1), "-a", "journalctl", "-u", unit,
                                "--no-pager", "-o", "cat", "-n", str(lines)], capture_output=True, text=True, timeout=60)
