@@ -32,6 +32,8 @@ from tdist.logs import get_logger
 log = get_logger("tdist.data_plane")
 
 GET, REFERENCE, RELEASE = 1, 2, 3
+SHM_SWEEP_EVERY = 60.0
+"""Seconds between a plane's sweeps of dead processes' segments (and one at start)."""
 
 
 class Transport(Protocol):
@@ -107,9 +109,7 @@ class DataPlane:
         self.transport = await self._transport_factory(self)
         if self.config.shared_memory and shm.available():
             self.host = shm.host_identity()
-            swept = await asyncio.to_thread(shm.sweep_dead)  # what dead processes on this host left
-            if swept:
-                log.info("shared_memory_segments_swept", count=len(swept))
+            await self._sweep_segments()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_leases())
         return self
 
@@ -134,14 +134,25 @@ class DataPlane:
             self.transport = None
 
     async def _sweep_leases(self) -> None:
+        next_shm_sweep = time.monotonic() + SHM_SWEEP_EVERY
         while True:
             await asyncio.sleep(min(1.0, self.config.lease / 4))
+            if self.host and time.monotonic() >= next_shm_sweep:
+                await self._sweep_segments()
+                next_shm_sweep = time.monotonic() + SHM_SWEEP_EVERY
             expired = self.store.expire(time.monotonic())
             metrics.STORE_BYTES.set(self.store.bytes_used)
             if expired:
                 metrics.LEASES_EXPIRED.inc(len(expired))
                 log.info("tensor_leases_expired", count=len(expired))
                 self._notify_release()
+
+    async def _sweep_segments(self) -> None:
+        """Unlink the segments dead processes on this host left (the agent does it too; this covers
+        hosts without one)."""
+        swept = await asyncio.to_thread(shm.sweep_dead)
+        if swept:
+            log.info("shared_memory_segments_swept", count=len(swept))
 
     def _notify_release(self) -> None:
         if not len(self.store):

@@ -23,9 +23,9 @@ mapped a segment keeps correct bytes even if the owner dies or the segment is un
 its zero-copy view stays valid (the kernel frees the memory with the last mapping). A
 process that dies without cleaning up (SIGKILL, OOM) leaves its segments behind:
 ``sweep_dead`` unlinks those whose pid is not alive; the agent runs it at start and every
-few seconds, and every data plane runs it when it starts. Without an agent on the host, a
-dead process's segments stay until the next tdist data plane starts on the host (or a
-reboot). Limits of the pid test: a reused pid keeps its predecessor's segments until it
+10 s, and every data plane at its start and every 60 s. Without an agent, a dead process's
+segments stay until a tdist data plane on the host sweeps (or the host reboots; /dev/shm is
+memory): with no tdist process left on the host, nothing reclaims them. Limits of the pid test: a reused pid keeps its predecessor's segments until it
 dies too; a process in another pid namespace sharing this /dev/shm could look dead, and
 losing its segment's name only sends its consumers to UCX (the owner keeps its mapping).
 
