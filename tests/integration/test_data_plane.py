@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import signal
 import time
@@ -27,6 +28,7 @@ DTYPES = {
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": object,
 }
 BY_REFERENCE = DataPlaneConfig(inline_threshold=0)
+BY_REFERENCE_UCX = DataPlaneConfig(inline_threshold=0, shared_memory=False)
 INLINE = DataPlaneConfig(inline_threshold=1 << 19)
 
 
@@ -48,23 +50,38 @@ async def _worker_info(client: Client, worker_id: str, predicate, timeout: float
         return workers[worker_id]
 
 
-@pytest.mark.parametrize("mode", ["inline", "reference"])
+@pytest.mark.parametrize("mode", ["inline", "reference", "reference_zero_copy", "reference_ucx"])
 async def test_every_dtype_round_trips(nats_config: NatsConfig, rp: RequestPlaneConfig, workers, mode: str) -> None:
-    config = BY_REFERENCE if mode == "reference" else INLINE
+    """By reference, on one host: through shared memory both ways (copies, or read-only views
+    with zero_copy), empty tensors over UCX (no segment for no bytes); with shared memory off,
+    everything over UCX."""
+    config = {"inline": INLINE, "reference_ucx": BY_REFERENCE_UCX}.get(mode, BY_REFERENCE)
+    by_reference = mode != "inline"
     await workers("echo", operator("echo", "Counting", max_inflight=8), data_plane=config)
     async with Client(nats_config, request_plane=rp, data_plane=config) as client:
         echo = client.operator("echo")
+        plane = await client.data_plane.get()
+        empty = filled = 0
         for dtype in DTYPES:
             for shape in ((1, 4), (2, 4), (0,)):
                 x = sample(dtype, shape)
                 stream = await echo.call({"x": x}, timeout=30)
                 final = await stream.final()
-                assert isinstance(final.outputs["x"], TensorRef) == (mode == "reference"), (dtype, shape)
-                out = (await client.data_plane.get()).materialize(final.outputs) if mode == "reference" else None
-                got = (await out)["x"] if out is not None else final.outputs["x"]
+                assert isinstance(final.outputs["x"], TensorRef) == by_reference, (dtype, shape)
+                if by_reference:
+                    got = (await plane.materialize(final.outputs, zero_copy=mode == "reference_zero_copy"))["x"]
+                    if mode == "reference_zero_copy" and dtype != "BYTES" and x.size:
+                        assert not got.flags.writeable, dtype
+                    empty, filled = empty + (x.size == 0), filled + (x.size > 0)
+                else:
+                    got = final.outputs["x"]
                 assert got.shape == shape and got.dtype == x.dtype, (dtype, shape)
                 assert np.array_equal(got, x), (dtype, shape)
-        assert len((await client.data_plane.get()).store) == 0
+        assert len(plane.store) == 0
+        if mode == "reference_ucx":
+            assert plane.pulls == {"ucx": empty + filled}
+        elif by_reference:
+            assert plane.pulls == {"shm": filled, "ucx": empty}
 
 
 async def test_64_mib_round_trip_between_processes(client: Client, worker_processes: WorkerProcesses) -> None:
@@ -131,9 +148,15 @@ async def test_stores_are_empty_after_a_thousand_1_mib_requests(
             assert np.array_equal(out.outputs["x"], x)
 
     await asyncio.gather(*(one() for _ in range(1000)))
-    assert len((await client.data_plane.get()).store) == 0
+    plane = await client.data_plane.get()
+    assert len(plane.store) == 0
     info = await _worker_info(client, wp.worker_id, lambda w: w.served == 1000 and w.tensors_held == 0)
     assert info.bytes_pulled == 1000 * x.nbytes
+    # Every tensor went through shared memory, and every segment is gone (each owner unlinked
+    # its own when the last reference went): /dev/shm holds nothing of either process.
+    assert plane.pulls == {"shm": 1000} and info.bytes_served == 0
+    assert not [n for n in os.listdir(shm.SHM_DIR) if n.startswith((f"tdist-{os.getpid()}-", f"tdist-{wp.pid}-"))]
+    assert len(plane.mappings) == 0
 
 
 async def test_killed_consumer_leaves_nothing_after_the_lease(
