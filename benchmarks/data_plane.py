@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Data plane: UCX pulls between two processes against plain copies, in the same run.
+"""Data plane: pulls between two processes against plain copies, in the same run.
 
-* same host: pulls of 64 KiB, 1 MiB and 64 MiB from an owner process, into a reused
-  buffer, against a numpy memcpy (``np.copyto``) of the same size in this process;
+* same host (default config: shared memory): pulls of 64 KiB, 1 MiB and 64 MiB from an owner
+  process, the same reference again and again into a reused buffer, against a numpy memcpy
+  (``np.copyto``) of the same size in this process. Also reported, not targets: the first pull
+  of a fresh reference (``first_pull``: no mapping kept yet), the owner's ``put`` (it writes the
+  tensor into shared memory), and the same pulls with ``shared_memory = false`` (``_ucx``: UCX on
+  TCP, the path before shared memory);
 * across hosts (only as root, where network namespaces can be made): owner and
   consumer in two namespaces joined by a veth pair, UCX forced onto TCP (as between
-  real hosts: no shared memory), against a plain blocking-socket transfer of the
-  same size between the same namespaces.
+  real hosts: no shared memory; the consumer checks its pulls went over UCX), against a
+  plain blocking-socket transfer of the same size between the same namespaces.
 
 Targets (README, Performance): same host >= 0.9 of memcpy at 64 MiB and >= 0.3 at 1 MiB, across hosts
 >= 0.9 of the socket.
@@ -36,58 +40,89 @@ TARGETS = {"1MiB": ">= 0.3", "64MiB": ">= 0.9"}
 NS = ("tdist-bench-a", "tdist-bench-b")
 ADDR = ("10.231.77.1", "10.231.77.2")
 SOCK_PORT = 47791
-EH = os.environ.get("TDIST_BENCH_ERROR_HANDLING", "1") == "1"
-"""UCX endpoint error handling in the child processes (the deployment default is on)."""
+SHM = os.environ.get("TDIST_BENCH_SHARED_MEMORY", "1") == "1"
+"""Shared memory in the child processes (the deployment default is on)."""
+FRESH = 3
+"""Fresh references per size for the first-pull figures."""
 
 
 # -- roles run in child processes ------------------------------------------------------------
+
+def ref_fields(ref: Any) -> list[Any]:
+    return [ref.owner, ref.address, ref.tensor_id, ref.dtype, list(ref.shape), ref.nbytes, ref.memory_type,
+            ref.device_id, ref.segment, ref.host, ref.ipc]
+
+
+def ref_from(fields: list[Any]) -> Any:
+    from tdist.data_plane.descriptor import TensorRef
+
+    return TensorRef(*fields[:4], tuple(fields[4]), *fields[5:])
+
 
 async def role_owner() -> None:
     from tdist.config import DataPlaneConfig
     from tdist.data_plane.plane import DataPlane
 
-    plane = await DataPlane("bench-owner", DataPlaneConfig(store_bytes=1 << 30, endpoint_error_handling=EH)).start()
-    refs = {}
+    plane = await DataPlane("bench-owner", DataPlaneConfig(store_bytes=1 << 30, shared_memory=SHM)).start()
+    refs: dict[str, Any] = {"put_GBps": {}}
     for name, size in SIZES.items():
-        ref = plane.put(np.frombuffer(np.random.default_rng(size).bytes(size), dtype=np.uint8))
-        refs[name] = {"owner": ref.owner, "address": ref.address, "tensor_id": ref.tensor_id, "nbytes": ref.nbytes}
+        data = np.frombuffer(np.random.default_rng(size).bytes(size), dtype=np.uint8)
+        refs[name] = ref_fields(plane.put(data))
+        t0 = time.perf_counter()
+        refs[f"{name}_fresh"] = [ref_fields(plane.put(data)) for _ in range(FRESH)]
+        refs["put_GBps"][name] = FRESH * size / (time.perf_counter() - t0) / 1e9
     print(json.dumps(refs), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     await plane.close()
 
 
 async def pull_rates(refs: dict[str, Any], repeat: int, sizes: list[str], rounds: int = 1
-                     ) -> dict[str, list[tuple[float, float]]]:
-    """Per size and round: (GB/s of pulls into a reused buffer, GB/s of np.copyto right after)."""
+                     ) -> dict[str, Any]:
+    """Per size and round: (GB/s of pulls into a reused buffer, GB/s of np.copyto right after);
+    per size: GB/s of first pulls of fresh references; the pulls by path."""
     from tdist.config import DataPlaneConfig
-    from tdist.data_plane.descriptor import TensorRef
     from tdist.data_plane.plane import DataPlane
 
-    plane = await DataPlane("bench-consumer", DataPlaneConfig(endpoint_error_handling=EH)).start()
-    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in sizes}
+    plane = await DataPlane("bench-consumer", DataPlaneConfig(shared_memory=SHM)).start()
+    rates: dict[str, Any] = {name: [] for name in sizes}
     try:
+        for name in sizes:
+            fresh = [ref_from(f) for f in refs[f"{name}_fresh"]]
+            out = np.empty(fresh[0].nbytes, dtype=np.uint8)
+            await plane.pull(fresh[0], out=out)  # the first pull of each path pays its setup (UCX endpoints)
+            t0 = time.perf_counter()
+            for ref in fresh[1:]:
+                await plane.pull(ref, out=out)
+            rates[f"{name}_first"] = (len(fresh) - 1) * fresh[0].nbytes / (time.perf_counter() - t0) / 1e9
         for _ in range(rounds):
             for name in sizes:
-                r = refs[name]
-                ref = TensorRef(r["owner"], r["address"], r["tensor_id"], "UINT8", (r["nbytes"],), r["nbytes"])
-                out = np.empty(r["nbytes"], dtype=np.uint8)
-                n = repeat if r["nbytes"] >= 1 << 20 else repeat * 20
+                ref = ref_from(refs[name])
+                out = np.empty(ref.nbytes, dtype=np.uint8)
+                n = transfers(ref.nbytes, repeat)
                 for _ in range(3):
                     await plane.pull(ref, out=out)
                 t0 = time.perf_counter()
                 for _ in range(n):
                     await plane.pull(ref, out=out)
-                pulled = n * r["nbytes"] / (time.perf_counter() - t0) / 1e9
-                rates[name].append((pulled, memcpy_rate(r["nbytes"], repeat)))
+                pulled = n * ref.nbytes / (time.perf_counter() - t0) / 1e9
+                rates[name].append((pulled, memcpy_rate(ref.nbytes, repeat)))
+        rates["paths"] = dict(plane.pulls)
     finally:
         await plane.close()
     return rates
 
 
+def transfers(size: int, repeat: int) -> int:
+    """Transfers per measurement: ``repeat`` of the large size, 20 times more of the smaller ones
+    (a 1 MiB pull takes tens of microseconds: 20 of them are over within one scheduler slice of
+    a loaded machine, and one preemption would be the measurement)."""
+    return repeat if size >= 16 << 20 else repeat * 20
+
+
 def memcpy_rate(size: int, repeat: int) -> float:
     src = np.frombuffer(np.random.default_rng(size).bytes(size), dtype=np.uint8)
     dst = np.empty_like(src)
-    n = repeat if size >= 1 << 20 else repeat * 20
+    n = transfers(size, repeat)
     for _ in range(3):
         np.copyto(dst, src)
     t0 = time.perf_counter()
@@ -151,28 +186,31 @@ def finish(proc: subprocess.Popen[str]) -> None:
     common.stop(proc, 30, terminate=False)
 
 
-def same_host(repeat: int, rounds: int, error_handling: bool) -> dict[str, float]:
-    """Pull and memcpy measured back to back, per round; medians over rounds (in a child process,
-    so that each UCX setting gets a fresh UCX context)."""
-    env = {"TDIST_BENCH_ERROR_HANDLING": "1" if error_handling else "0"}
+def same_host(repeat: int, rounds: int, shared_memory: bool) -> dict[str, Any]:
+    """Pull and memcpy measured back to back, per round; medians over rounds (in child processes,
+    so that each setting gets a fresh UCX context)."""
+    env = {"TDIST_BENCH_SHARED_MEMORY": "1" if shared_memory else "0"}
     owner = spawn(["--role", "owner"], env=env)
     try:
-        refs = json.dumps(json_line(owner))
-        consumer = spawn(["--role", "same-host", "--refs", refs, "--repeat", str(repeat), "--rounds", str(rounds)],
-                         env=env)
+        refs = json_line(owner)
+        consumer = spawn(["--role", "same-host", "--refs", json.dumps(refs), "--repeat", str(repeat),
+                          "--rounds", str(rounds)], env=env)
         try:
             rates = json_line(consumer)
         finally:
             finish(consumer)
     finally:
         finish(owner)
-    suffix = "" if error_handling else "_no_error_handling"
-    out = {}
+    suffix = "" if shared_memory else "_ucx"
+    out: dict[str, Any] = {}
     for name in SIZES:
         pairs = rates[name]
         out[f"same_host_{name}_GBps{suffix}"] = round(common.median([p for p, _ in pairs]), 3)
         out[f"memcpy_{name}_GBps{suffix}"] = round(common.median([m for _, m in pairs]), 3)
         out[f"same_host_{name}_ratio{suffix}"] = round(common.median([p / m for p, m in pairs]), 3)
+        out[f"same_host_{name}_first_pull_GBps{suffix}"] = round(rates[f"{name}_first"], 3)
+        out[f"put_{name}_GBps{suffix}"] = round(refs["put_GBps"][name], 3)
+    out[f"same_host_paths{suffix}"] = rates["paths"]
     return out
 
 
@@ -210,7 +248,10 @@ def cross_host(repeat: int) -> dict[str, float]:
         refs = json.dumps(json_line(owner))
         consumer = spawn(["--role", "consumer", "--refs", refs, "--repeat", str(repeat)], NS[1], tcp_only)
         procs.append(consumer)
-        ucx = json_line(consumer)["64MiB"]
+        pulled = json_line(consumer)
+        ucx, paths = pulled["64MiB"], pulled["paths"]
+        if set(paths) != {"ucx"}:
+            raise RuntimeError(f"across hosts every pull must go over UCX, they went {paths}")
         server = spawn(["--role", "sock-server", "--repeat", str(repeat)], NS[0])
         procs.append(server)
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
@@ -222,7 +263,7 @@ def cross_host(repeat: int) -> dict[str, float]:
             finish(proc)
         teardown_namespaces()
     return {"cross_host_64MiB_GBps": round(ucx, 3), "socket_64MiB_GBps": round(sock, 3),
-            "cross_host_64MiB_ratio": round(ucx / sock, 3)}
+            "cross_host_64MiB_ratio": round(ucx / sock, 3), "cross_host_paths": paths}
 
 
 def main() -> int:
@@ -236,7 +277,7 @@ def main() -> int:
         return 0
     if args.role == "consumer":
         rates = asyncio.run(pull_rates(json.loads(args.refs), args.repeat, ["64MiB"]))
-        print(json.dumps({name: r[0][0] for name, r in rates.items()}), flush=True)
+        print(json.dumps({"64MiB": rates["64MiB"][0][0], "paths": rates["paths"]}), flush=True)
         return 0
     if args.role == "same-host":
         print(json.dumps(asyncio.run(pull_rates(json.loads(args.refs), args.repeat, list(SIZES), args.rounds))),
@@ -254,9 +295,10 @@ def main() -> int:
     logs.configure("warning")
     common.print_conditions(f"data plane: pulls into a reused buffer, {args.repeat} pulls per large size, "
                             f"same host: median of {args.rounds} rounds")
-    summary: dict[str, Any] = {"benchmark": "data_plane", **common.conditions(), "repeat": args.repeat}
-    summary.update(same_host(args.repeat, args.rounds, error_handling=True))
-    summary.update(same_host(args.repeat, args.rounds, error_handling=False))
+    summary: dict[str, Any] = {"benchmark": "data_plane", **common.conditions(), "repeat": args.repeat,
+                               "load": [round(x, 2) for x in os.getloadavg()]}
+    summary.update(same_host(args.repeat, args.rounds, shared_memory=True))
+    summary.update(same_host(args.repeat, args.rounds, shared_memory=False))
     if can_make_namespaces():
         summary.update(cross_host(args.repeat))
     else:
@@ -266,11 +308,14 @@ def main() -> int:
         print(f"{'same host ' + name:24}{summary[f'same_host_{name}_GBps']:>8.2f} GB/s"
               f"{summary[f'memcpy_{name}_GBps']:>8.2f} GB/s{summary[f'same_host_{name}_ratio']:>8.2f}"
               f"{TARGETS.get(name, ''):>9}")
-    name = "64MiB"
-    print(f"{'same host 64MiB, EH off':24}{summary[f'same_host_{name}_GBps_no_error_handling']:>8.2f} GB/s"
-          f"{summary[f'memcpy_{name}_GBps_no_error_handling']:>8.2f} GB/s"
-          f"{summary[f'same_host_{name}_ratio_no_error_handling']:>8.2f}{'':>9}")
-    print("  (EH off: [data_plane] endpoint_error_handling = false, shared memory; default is on, TCP)")
+    for name in SIZES:
+        print(f"{'  first pull ' + name:24}{summary[f'same_host_{name}_first_pull_GBps']:>8.2f} GB/s"
+              f"{'':>12}{'':>8}{'':>9}   put {summary[f'put_{name}_GBps']:.2f} GB/s")
+    for name in SIZES:
+        print(f"{'same host ' + name + ', UCX':24}{summary[f'same_host_{name}_GBps_ucx']:>8.2f} GB/s"
+              f"{summary[f'memcpy_{name}_GBps_ucx']:>8.2f} GB/s{summary[f'same_host_{name}_ratio_ucx']:>8.2f}")
+    print(f"  (default: shared memory, pulls by path {summary['same_host_paths']}; UCX: [data_plane] "
+          f"shared_memory = false, TCP)")
     if "cross_host_64MiB_ratio" in summary:
         print(f"{'across hosts 64MiB':24}{summary['cross_host_64MiB_GBps']:>8.2f} GB/s"
               f"{summary['socket_64MiB_GBps']:>8.2f} GB/s{summary['cross_host_64MiB_ratio']:>8.2f}{'>= 0.9':>9}")

@@ -188,10 +188,17 @@ class DataPlaneConfig:
     """Seconds a pull, reference or release may take before the owner counts as unreachable."""
     endpoint_error_handling: bool = True
     """UCX peer-failure handling. On (the default): a peer that dies is detected within
-    milliseconds and every process keeps serving, but UCX uses TCP even on one host. Off:
-    shared memory on one host (about twice the bandwidth), but a peer killed in the middle of
-    a transfer can abort or stall the other process (measured; see README). One setting for
-    every process of a deployment."""
+    milliseconds and every process keeps serving; UCX then uses TCP even on one host (same-host
+    CPU tensors go through ``shared_memory`` instead). Off: UCX's own shared memory on one host,
+    but a peer killed in the middle of a transfer can abort or stall the other process
+    (measured; see README). One setting for every process of a deployment."""
+    shared_memory: bool = True
+    """Same-host tensors through shared memory (data_plane/shm.py): CPU tensors stored by
+    reference are written to a segment in /dev/shm that consumers on the same host read
+    directly (GPU tensors: CUDA IPC handles); other consumers pull over UCX. Off: UCX only."""
+    shm_cache_bytes: int = 256 << 20
+    """Bytes of other processes' segments a consumer keeps mapped to read again without
+    mapping anew (a segment is mapped from its second read on; 0: never)."""
     endpoint_cache_size: int = 256
     """The most UCX endpoints a process keeps open to peers (least recently used ones beyond it
     are closed once no transfer uses them)."""
@@ -207,6 +214,8 @@ class DataPlaneConfig:
             raise ConfigError("must not be negative", key="data_plane.inline_threshold")
         if self.store_bytes < 1:
             raise ConfigError("must be at least 1", key="data_plane.store_bytes")
+        if self.shm_cache_bytes < 0:
+            raise ConfigError("must not be negative", key="data_plane.shm_cache_bytes")
         for key in ("lease", "pull_timeout"):
             if getattr(self, key) <= 0:
                 raise ConfigError("must be positive", key=f"data_plane.{key}")
@@ -410,6 +419,8 @@ def parse_data_plane(t: _Table) -> DataPlaneConfig:
         endpoint_error_handling=t.get("endpoint_error_handling", bool),
         endpoint_cache_size=t.get("endpoint_cache_size", int),
         endpoint_idle_timeout=_num(t.get("endpoint_idle_timeout", (int, float))),
+        shared_memory=t.get("shared_memory", bool),
+        shm_cache_bytes=t.get("shm_cache_bytes", int),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import signal
 import time
@@ -12,6 +13,7 @@ import pytest
 
 from tdist.client import Client
 from tdist.config import DataPlaneConfig, NatsConfig, RequestPlaneConfig
+from tdist.data_plane import shm
 from tdist.data_plane.descriptor import TensorRef
 from tdist.data_plane.plane import gpu_available
 from tdist.errors import DataPlaneError, PeerUnreachable, TensorNotFound
@@ -26,6 +28,7 @@ DTYPES = {
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": object,
 }
 BY_REFERENCE = DataPlaneConfig(inline_threshold=0)
+BY_REFERENCE_UCX = DataPlaneConfig(inline_threshold=0, shared_memory=False)
 INLINE = DataPlaneConfig(inline_threshold=1 << 19)
 
 
@@ -47,23 +50,38 @@ async def _worker_info(client: Client, worker_id: str, predicate, timeout: float
         return workers[worker_id]
 
 
-@pytest.mark.parametrize("mode", ["inline", "reference"])
+@pytest.mark.parametrize("mode", ["inline", "reference", "reference_zero_copy", "reference_ucx"])
 async def test_every_dtype_round_trips(nats_config: NatsConfig, rp: RequestPlaneConfig, workers, mode: str) -> None:
-    config = BY_REFERENCE if mode == "reference" else INLINE
+    """By reference, on one host: through shared memory both ways (copies, or read-only views
+    with zero_copy), empty tensors over UCX (no segment for no bytes); with shared memory off,
+    everything over UCX."""
+    config = {"inline": INLINE, "reference_ucx": BY_REFERENCE_UCX}.get(mode, BY_REFERENCE)
+    by_reference = mode != "inline"
     await workers("echo", operator("echo", "Counting", max_inflight=8), data_plane=config)
     async with Client(nats_config, request_plane=rp, data_plane=config) as client:
         echo = client.operator("echo")
+        plane = await client.data_plane.get()
+        empty = filled = 0
         for dtype in DTYPES:
             for shape in ((1, 4), (2, 4), (0,)):
                 x = sample(dtype, shape)
                 stream = await echo.call({"x": x}, timeout=30)
                 final = await stream.final()
-                assert isinstance(final.outputs["x"], TensorRef) == (mode == "reference"), (dtype, shape)
-                out = (await client.data_plane.get()).materialize(final.outputs) if mode == "reference" else None
-                got = (await out)["x"] if out is not None else final.outputs["x"]
+                assert isinstance(final.outputs["x"], TensorRef) == by_reference, (dtype, shape)
+                if by_reference:
+                    got = (await plane.materialize(final.outputs, zero_copy=mode == "reference_zero_copy"))["x"]
+                    if mode == "reference_zero_copy" and dtype != "BYTES" and x.size:
+                        assert not got.flags.writeable, dtype
+                    empty, filled = empty + (x.size == 0), filled + (x.size > 0)
+                else:
+                    got = final.outputs["x"]
                 assert got.shape == shape and got.dtype == x.dtype, (dtype, shape)
                 assert np.array_equal(got, x), (dtype, shape)
-        assert len((await client.data_plane.get()).store) == 0
+        assert len(plane.store) == 0
+        if mode == "reference_ucx":
+            assert plane.pulls == {"ucx": empty + filled}
+        elif by_reference:
+            assert plane.pulls == {"shm": filled, "ucx": empty}
 
 
 async def test_64_mib_round_trip_between_processes(client: Client, worker_processes: WorkerProcesses) -> None:
@@ -72,8 +90,12 @@ async def test_64_mib_round_trip_between_processes(client: Client, worker_proces
     result = await client.operator("echo").infer({"x": x}, timeout=60)
     assert result.outputs["x"].dtype == np.int64 and np.array_equal(result.outputs["x"], x)
     info = await _worker_info(client, wp.worker_id, lambda w: w.served == 1 and w.tensors_held == 0)
-    assert info.bytes_pulled == x.nbytes and info.bytes_served == x.nbytes
-    assert len((await client.data_plane.get()).store) == 0
+    # Both ways through shared memory (one host): the worker read the input from the client's
+    # segment, the client the output from the worker's; nothing crossed UCX.
+    assert info.bytes_pulled == x.nbytes and info.bytes_served == 0
+    plane = await client.data_plane.get()
+    assert plane.pulls == {"shm": 1} and plane.bytes_served == 0
+    assert len(plane.store) == 0
 
 
 async def test_unknown_tensor_raises_on_pull_and_release(client: Client) -> None:
@@ -106,8 +128,10 @@ async def test_forwarding_moves_no_bulk_bytes_through_the_middle(
     # Measured: the middle pulled nothing, served nothing, and its NATS traffic is a few kB.
     assert m.bytes_pulled == 0 and m.bytes_served == 0
     assert m.nats_in_bytes < x.nbytes // 100
-    # The end worker pulled the input straight from the client and served its output to it.
-    assert e.bytes_pulled == x.nbytes and e.bytes_served == x.nbytes
+    # The end worker read the input straight from the client's segment, and the client its output
+    # from the end worker's (shared memory: the owner serves nothing over UCX).
+    assert e.bytes_pulled == x.nbytes and e.bytes_served == 0
+    assert (await client.data_plane.get()).pulls == {"shm": 1}
 
 
 async def test_stores_are_empty_after_a_thousand_1_mib_requests(
@@ -124,9 +148,15 @@ async def test_stores_are_empty_after_a_thousand_1_mib_requests(
             assert np.array_equal(out.outputs["x"], x)
 
     await asyncio.gather(*(one() for _ in range(1000)))
-    assert len((await client.data_plane.get()).store) == 0
+    plane = await client.data_plane.get()
+    assert len(plane.store) == 0
     info = await _worker_info(client, wp.worker_id, lambda w: w.served == 1000 and w.tensors_held == 0)
     assert info.bytes_pulled == 1000 * x.nbytes
+    # Every tensor went through shared memory, and every segment is gone (each owner unlinked
+    # its own when the last reference went): /dev/shm holds nothing of either process.
+    assert plane.pulls == {"shm": 1000} and info.bytes_served == 0
+    assert not [n for n in os.listdir(shm.SHM_DIR) if n.startswith((f"tdist-{os.getpid()}-", f"tdist-{wp.pid}-"))]
+    assert len(plane.mappings) == 0
 
 
 async def test_killed_consumer_leaves_nothing_after_the_lease(
@@ -152,24 +182,54 @@ async def test_killed_consumer_leaves_nothing_after_the_lease(
 async def test_pull_from_a_killed_owner_fails_within_its_timeout(
     nats_config: NatsConfig, rp: RequestPlaneConfig, worker_processes: WorkerProcesses
 ) -> None:
+    """Over UCX (this client does not use shared memory, as one on another host would not)."""
+    timeout = 2.0
+    owner = worker_processes.start("owner", operator_flag("echo", "Counting"))
+    config = DataPlaneConfig(pull_timeout=timeout, shared_memory=False)
+    try:
+        async with Client(nats_config, request_plane=rp, data_plane=config) as client:
+            x = np.arange(1 << 18, dtype=np.int64)
+            result = await client.operator("echo").infer({"x": x}, timeout=60, pull_outputs=False)
+            ref = result.outputs["x"]
+            assert isinstance(ref, TensorRef) and ref.owner == owner.worker_id
+            worker_processes.kill(owner, signal.SIGKILL)
+            owner.proc.wait(10)
+            plane = await client.data_plane.get()
+            t0 = time.monotonic()
+            with pytest.raises(PeerUnreachable):
+                await plane.pull(ref)
+            assert time.monotonic() - t0 < timeout * 3  # bounded by the timeout, not hanging
+            assert not plane.pulls  # counted are pulls that brought the bytes
+            # The plane keeps serving: a fresh owner works.
+            fresh = worker_processes.start("fresh", operator_flag("echo", "Counting"))
+            again = await client.operator("echo").infer({"x": x}, timeout=60)
+            assert np.array_equal(again.outputs["x"], x) and again.worker_id == fresh.worker_id
+    finally:
+        shm.sweep_dead()  # the killed owner's segment (an agent would sweep it)
+
+
+async def test_a_killed_owners_segment_gives_the_bytes_until_swept_then_a_typed_error(
+    nats_config: NatsConfig, rp: RequestPlaneConfig, worker_processes: WorkerProcesses
+) -> None:
+    """Same host: the segment outlives its owner's SIGKILL (nobody unlinked it), so a pull reads
+    the bytes; once swept (the agent's job), the pull goes to UCX and fails within its timeout."""
     timeout = 2.0
     owner = worker_processes.start("owner", operator_flag("echo", "Counting"))
     async with Client(nats_config, request_plane=rp, data_plane=DataPlaneConfig(pull_timeout=timeout)) as client:
         x = np.arange(1 << 18, dtype=np.int64)
         result = await client.operator("echo").infer({"x": x}, timeout=60, pull_outputs=False)
         ref = result.outputs["x"]
-        assert isinstance(ref, TensorRef) and ref.owner == owner.worker_id
+        assert isinstance(ref, TensorRef) and ref.segment.startswith(f"tdist-{owner.pid}-")
         worker_processes.kill(owner, signal.SIGKILL)
         owner.proc.wait(10)
         plane = await client.data_plane.get()
+        assert np.array_equal(await plane.pull(ref), x)
+        assert ref.segment in shm.sweep_dead()
         t0 = time.monotonic()
         with pytest.raises(PeerUnreachable):
             await plane.pull(ref)
-        assert time.monotonic() - t0 < timeout * 3  # bounded by the timeout, not hanging
-        # The plane keeps serving: a fresh owner works.
-        fresh = worker_processes.start("fresh", operator_flag("echo", "Counting"))
-        again = await client.operator("echo").infer({"x": x}, timeout=60)
-        assert np.array_equal(again.outputs["x"], x) and again.worker_id == fresh.worker_id
+        assert time.monotonic() - t0 < timeout * 3
+        assert plane.pulls == {"shm": 1}  # counted are pulls that brought the bytes
 
 
 async def test_gpu_memory_without_a_gpu_is_a_clear_error(client: Client) -> None:

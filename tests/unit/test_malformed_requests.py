@@ -26,6 +26,9 @@ from tdist.request_plane.protocol import (
 REPLY = "_INBOX.abc.r.req7"
 ADDRESS = base64.b64encode(bytes(range(200))).decode()
 TENSOR_ID = "0123456789abcdef" * 2
+SEGMENT = "tdist-4242-" + "0123456789abcdef" * 2
+HOST = "fedcba9876543210" * 2
+IPC = base64.b64encode(bytes(range(64))).decode()
 
 
 def frame(header: dict[str, Any] | bytes, body: bytes = b"", *, reply: bytes = REPLY.encode()) -> bytes:
@@ -62,6 +65,18 @@ def test_a_valid_reference_round_trips() -> None:
     assert bytes_ref.dtype == "BYTES" and bytes_ref.nbytes == 8
     gpu = decode_request(by_ref(mem="GPU", dev=1)).inputs["x"]
     assert (gpu.memory_type, gpu.device_id) == ("GPU", 1)
+
+
+def test_a_same_host_reference_round_trips() -> None:
+    """The shared-memory segment and CUDA IPC handle travel with the owner's host identity."""
+    cpu = TensorRef("echo-1a2b", ADDRESS, TENSOR_ID, "FP32", (2, 3), 24, segment=SEGMENT, host=HOST)
+    gpu = TensorRef("echo-1a2b", ADDRESS, TENSOR_ID, "FP32", (2, 3), 24, "GPU", 1, host=HOST, ipc=IPC)
+    msg = RequestMessage(id="req7", trace_id="t", operator="echo", version=1, deadline=4e9, reply_to=REPLY,
+                         inputs={"x": cpu, "y": gpu})
+    assert decode_request(encode_request(msg)).inputs == {"x": cpu, "y": gpu}
+    assert decode_request(by_ref(shm=SEGMENT, host=HOST)).inputs["x"] == cpu
+    assert cpu.with_id("f" * 32) == TensorRef("echo-1a2b", ADDRESS, "f" * 32, "FP32", (2, 3), 24, segment=SEGMENT,
+                                              host=HOST)
 
 
 # --- the cases of issue 8: numpy must never see them ------------------------------------------
@@ -130,6 +145,23 @@ def test_a_tensor_named_twice_is_refused() -> None:
         (by_ref(mem="GPU", dev=-1), "device id"),
         (by_ref(mem="GPU", dev=True), "device id"),
         (by_ref(mem="GPU", dev=1 << 40), "device id"),
+        (by_ref(shm="../etc/passwd", host=HOST), "not a tdist segment name"),
+        (by_ref(shm="tdist-1-" + "0" * 31 + "/", host=HOST), "not a tdist segment name"),
+        (by_ref(shm=SEGMENT.replace("tdist", "tdisT"), host=HOST), "not a tdist segment name"),
+        (by_ref(shm="tdist-0-" + "0" * 32, host=HOST), "not a tdist segment name"),
+        (by_ref(shm=SEGMENT + "\n", host=HOST), "not a tdist segment name"),
+        (by_ref(shm=5, host=HOST), "not a tdist segment name"),
+        (by_ref(shm=SEGMENT), "comes with a segment"),
+        (by_ref(host=HOST), "comes with a segment"),
+        (by_ref(shm=SEGMENT, host="x" * 32), "host identity"),
+        (by_ref(shm=SEGMENT, host=HOST.upper()), "host identity"),
+        (by_ref(shm=SEGMENT, host=7), "host identity"),
+        (by_ref(shm=SEGMENT, host=HOST, mem="GPU"), "holds CPU bytes"),
+        (by_ref(shape=(0,), nbytes=0, shm=SEGMENT, host=HOST), "holds CPU bytes"),
+        (by_ref(ipc=IPC, host=HOST), "for GPU bytes"),
+        (by_ref(ipc=IPC[:-4], host=HOST, mem="GPU"), "CUDA IPC handle"),
+        (by_ref(ipc="A" * 88, host=HOST, mem="GPU"), "CUDA IPC handle"),
+        (by_ref(ipc=[IPC], host=HOST, mem="GPU"), "CUDA IPC handle"),
         (by_ref(peers={}), "no valid data-plane address"),
         (by_ref(peers={"echo-1a2b": 5}), "no valid data-plane address"),
         (by_ref(peers={"echo-1a2b": "not base64!"}), "no valid data-plane address"),
@@ -293,6 +325,12 @@ def _random_tensor(rng: random.Random, name: str) -> tuple[list[Any], bytes]:
             ref["mem"] = rng.choice(["CPU", "GPU", "TPU", 1, None])
         if rng.random() < 0.3:
             ref["dev"] = rng.choice(_DIMS)
+        if rng.random() < 0.2:
+            ref["shm"] = SEGMENT if rng.random() < 0.7 else rng.choice(_INTERESTING)
+        if rng.random() < 0.2:
+            ref["host"] = HOST if rng.random() < 0.7 else rng.choice(_INTERESTING)
+        if rng.random() < 0.1:
+            ref["ipc"] = IPC if rng.random() < 0.7 else rng.choice(_INTERESTING)
         meta.append(ref if rng.random() < 0.95 else rng.choice(_INTERESTING))
         body = b""
     return meta, body

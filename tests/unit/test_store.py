@@ -52,3 +52,30 @@ def test_store_is_bounded_in_bytes() -> None:
     assert info.value.details == {"used": 60, "capacity": 100, "asked": 41}
     store.put(b"", 40, now=0)  # exactly full is fine
     assert store.bytes_used == 100
+
+
+def test_on_free_sees_each_buffer_once_when_its_last_reference_goes() -> None:
+    freed: list[object] = []
+    store = TensorStore(1000, default_lease=10, on_free=freed.append)
+    first = store.put("a", 100, now=0)
+    second = store.reference(first, now=0)
+    other = store.put("b", 100, now=0, lease=1)
+    store.release(first)
+    assert freed == []
+    store.release(second)
+    assert freed == ["a"]
+    store.expire(now=5)
+    assert freed == ["a", "b"] and store.bytes_used == 0
+
+
+def test_check_room_and_clear() -> None:
+    freed: list[object] = []
+    store = TensorStore(100, default_lease=10, on_free=freed.append)
+    store.check_room(100)
+    ref = store.put("a", 60, now=0)
+    store.reference(ref, now=0)
+    with pytest.raises(StoreFull):
+        store.check_room(41)
+    store.put("b", 40, now=0)
+    assert store.clear() == 3
+    assert sorted(freed) == ["a", "b"] and len(store) == 0 and store.bytes_used == 0 and store.buffers == 0

@@ -75,6 +75,7 @@ from tdist.agent.config import AgentConfig, AgentWorkerConfig, load_agent_config
 from tdist.agent.crashloop import CrashWatch, Failing
 from tdist.agent.gpus import GpuInfo, describe_gpus, detect_gpus
 from tdist.agent.http_server import HttpServer
+from tdist.agent.shm_sweep import ShmSweeper
 from tdist.agent.notify import Watchdog, notify, watchdog_interval
 from tdist.agent.processes import (
     AgentStartError,
@@ -188,6 +189,7 @@ class Agent:
         self._watchdog_task: asyncio.Task[None] | None = None
         self._deaths: deque[float] = deque()
         self._crashes = CrashWatch()
+        self._shm = ShmSweeper()  # dead processes' shared-memory segments
         self.watchdog = Watchdog(watchdog_interval(), WATCHDOG_STALE)
         self.ready_notified = False
         """READY=1 was sent to systemd (once /ready would answer 200)."""
@@ -219,6 +221,7 @@ class Agent:
         self._lock.acquire()
         await asyncio.to_thread(stop_leftovers, self.state_dir, self._pids)
         self._pids.remove()
+        self._shm.sweep()  # after the leftovers are gone
         for leftover in (cfg.directories.socket_path, self.nats_file):
             _unlink(leftover)
         shutil.rmtree(os.path.join(self.state_dir, NATS_RUN_DIR), ignore_errors=True)
@@ -488,6 +491,7 @@ class Agent:
         return path
 
     async def _tick(self) -> None:
+        self._shm.tick()
         sd = self.supervisord
         if sd is None or self.nc is None:
             return

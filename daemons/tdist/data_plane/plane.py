@@ -4,11 +4,17 @@ Requests and responses carry ``TensorRef`` descriptors for tensors above the inl
 threshold; the receiver pulls the bytes straight from the owner, into the memory
 type it asks for. Forwarding a received tensor creates a new reference at its
 owner, so bulk bytes never pass through an orchestrating operator.
+
+Paths of a pull (``DataPlane.pulls`` counts them): ``shm``, a CPU tensor of an owner on this
+host, read from the owner's shared-memory segment without a message (``shm.py``); ``ipc``, a GPU
+tensor on this host through a CUDA IPC handle (``cuda_ipc.py``); ``ucx``, everything else and
+whatever the first two cannot read; ``local``, a tensor this plane owns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -17,6 +23,7 @@ import numpy as np
 
 from tdist import metrics, tensors
 from tdist.config import DataPlaneConfig
+from tdist.data_plane import shm
 from tdist.data_plane.descriptor import TensorRef
 from tdist.data_plane.store import TensorStore
 from tdist.errors import DataPlaneError, TdistError
@@ -25,6 +32,8 @@ from tdist.logs import get_logger
 log = get_logger("tdist.data_plane")
 
 GET, REFERENCE, RELEASE = 1, 2, 3
+SHM_SWEEP_EVERY = 60.0
+"""Seconds between a plane's sweeps of dead processes' segments (and one at start)."""
 
 
 class Transport(Protocol):
@@ -74,9 +83,16 @@ class DataPlane:
         self.config = config
         self._transport_factory = transport
         self.transport: Transport | None = None
-        self.store = TensorStore(config.store_bytes, config.lease)
+        self.store = TensorStore(config.store_bytes, config.lease, on_free=_free)
         self.bytes_pulled = 0
+        """Bytes this plane pulled, by any path."""
         self.bytes_served = 0
+        """Bytes this plane sent over UCX (reads of its segments by consumers on its host are not seen)."""
+        self.pulls: collections.Counter[str] = collections.Counter()
+        """Pulls by path: shm, ipc, ucx, local."""
+        self.host = ""
+        """This process's host identity when it shares memory with same-host consumers, else ''."""
+        self.mappings = shm.Mappings(config.shm_cache_bytes)
         self._sweeper: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
 
@@ -91,6 +107,9 @@ class DataPlane:
 
             self._transport_factory = UcxTransport.acquire
         self.transport = await self._transport_factory(self)
+        if self.config.shared_memory and shm.available():
+            self.host = shm.host_identity()
+            await self._sweep_segments()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_leases())
         return self
 
@@ -108,19 +127,32 @@ class DataPlane:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        self.store.clear()  # nobody can pull any more: free the buffers (and unlink their segments)
+        self.mappings.clear()
         if self.transport is not None:
             await self.transport.release(self)
             self.transport = None
 
     async def _sweep_leases(self) -> None:
+        next_shm_sweep = time.monotonic() + SHM_SWEEP_EVERY
         while True:
             await asyncio.sleep(min(1.0, self.config.lease / 4))
+            if self.host and time.monotonic() >= next_shm_sweep:
+                await self._sweep_segments()
+                next_shm_sweep = time.monotonic() + SHM_SWEEP_EVERY
             expired = self.store.expire(time.monotonic())
             metrics.STORE_BYTES.set(self.store.bytes_used)
             if expired:
                 metrics.LEASES_EXPIRED.inc(len(expired))
                 log.info("tensor_leases_expired", count=len(expired))
                 self._notify_release()
+
+    async def _sweep_segments(self) -> None:
+        """Unlink the segments dead processes on this host left (the agent does it too; this covers
+        hosts without one)."""
+        swept = await asyncio.to_thread(shm.sweep_dead)
+        if swept:
+            log.info("shared_memory_segments_swept", count=len(swept))
 
     def _notify_release(self) -> None:
         if not len(self.store):
@@ -129,24 +161,47 @@ class DataPlane:
     # -- owning ---------------------------------------------------------------
 
     def put(self, array: Any, lease: float | None = None) -> TensorRef:
-        """Keep ``array`` here and describe it; its consumer pulls it (or it expires after ``lease`` s)."""
+        """Keep ``array`` here and describe it; its consumer pulls it (or it expires after ``lease`` s).
+
+        With shared memory on, a CPU tensor is copied into a segment of this process (counted in
+        ``store_bytes``; ``StoreFull`` also when /dev/shm is full) and a GPU one into an allocation
+        with a CUDA IPC handle, so consumers on this host read it without a message."""
         memory_type = "GPU" if type(array).__module__.startswith("cupy") else "CPU"
+        segment = ipc = ""
         if memory_type == "CPU":
             arr = np.asarray(array)
             dtype = tensors.triton_dtype(arr)
             data: Any = np.frombuffer(tensors.to_bytes(arr, dtype), dtype=np.uint8) if dtype == "BYTES" else \
                 np.ascontiguousarray(arr)
             shape = tuple(arr.shape)
+            nbytes = int(data.nbytes)
+            self.store.check_room(nbytes)
+            if self.host and nbytes:
+                data = shm.Segment.create(data)
+                segment = data.name
         else:
             data, dtype, shape = array, tensors.triton_dtype(array.get() if array.size == 0 else array[:0].get()), \
                 tuple(array.shape)
-        nbytes = int(data.nbytes)
+            nbytes = int(data.nbytes)
+            self.store.check_room(nbytes)
+            if self.host and nbytes:
+                try:
+                    from tdist.data_plane import cuda_ipc
+
+                    data, ipc = cuda_ipc.export(array)
+                except Exception as exc:  # no IPC here (e.g. a driver without it): UCX serves it
+                    log.info("cuda_ipc_export_failed", error=f"{type(exc).__name__}: {exc}")
         tensor_id = self.store.put(data, nbytes, time.monotonic(), lease)
         return TensorRef(self.component_id, self.address, tensor_id, dtype, shape, nbytes, memory_type,
-                         int(getattr(getattr(array, "device", None), "id", 0) or 0))
+                         int(getattr(getattr(array, "device", None), "id", 0) or 0), segment,
+                         self.host if segment or ipc else "", ipc)
+
+    def _data(self, tensor_id: str) -> Any:
+        data = self.store.get(tensor_id)
+        return data.array if isinstance(data, shm.Segment) else data
 
     def serve_get(self, tensor_id: str) -> Any:
-        data = self.store.get(tensor_id)
+        data = self._data(tensor_id)
         self.bytes_served += int(data.nbytes)
         metrics.DATA_PLANE_BYTES.labels("served").inc(int(data.nbytes))
         return data
@@ -160,29 +215,65 @@ class DataPlane:
 
     # -- consuming ------------------------------------------------------------
 
-    async def pull(self, ref: TensorRef, memory_type: str = "CPU", *, out: Any = None) -> Any:
+    async def pull(self, ref: TensorRef, memory_type: str = "CPU", *, out: Any = None, zero_copy: bool = False
+                   ) -> Any:
         """The tensor's value in ``memory_type`` ("CPU" gives numpy, "GPU" gives cupy).
 
         ``out``: a contiguous buffer of ``ref.nbytes`` bytes to receive into (reused memory). A late
         answer is discarded, but one already arriving when a pull times out finishes its write
-        into ``out``: after ``PeerUnreachable`` give UCX a moment before reusing it."""
+        into ``out``: after ``PeerUnreachable`` give UCX a moment before reusing it.
+
+        ``zero_copy`` (CPU, no ``out``): the caller accepts a read-only array that may be a view of
+        the owner's shared-memory segment (no copy at all). It stays valid as long as the caller
+        holds it, whatever happens to the reference or the owner; BYTES tensors are decoded anyway."""
         if memory_type == "GPU" and not gpu_available():
             raise DataPlaneError("GPU memory asked for, but this process has no usable GPU (cupy/CUDA)",
                                  tensor_id=ref.tensor_id)
+        if out is not None and (out.nbytes != ref.nbytes or not out.flags.c_contiguous):
+            raise DataPlaneError(f"receive buffer has {out.nbytes} bytes, the tensor {ref.nbytes}",
+                                 tensor_id=ref.tensor_id)
         if ref.owner == self.component_id:
-            raw = self.store.get(ref.tensor_id)
-            out = np.array(raw, copy=True) if memory_type == "CPU" else raw
-        else:
+            raw = self._data(ref.tensor_id)
+            if memory_type != "CPU":
+                out = raw
+            elif zero_copy and out is None:
+                out = raw.view()
+                out.flags.writeable = False
+            elif out is None:
+                out = np.array(raw, copy=True)
+            else:
+                np.copyto(out.reshape(-1).view(np.uint8), raw.reshape(-1).view(np.uint8))
+            self.pulls["local"] += 1
+            return self._typed(out, ref)
+        path = ""
+        if ref.host and ref.host == self.host:
+            if ref.segment and memory_type == "CPU":
+                if zero_copy and out is None:
+                    view = self.mappings.view(ref.segment, ref.nbytes)
+                    if view is not None:
+                        out, path = view, "shm"
+                else:
+                    if out is None:
+                        out = self._empty(ref, memory_type)
+                    if self.mappings.read(ref.segment, ref.nbytes, out):
+                        path = "shm"
+            elif ref.ipc and memory_type == "GPU":
+                try:
+                    from tdist.data_plane import cuda_ipc
+
+                    out, path = cuda_ipc.read(ref.ipc, ref.nbytes, out), "ipc"
+                except Exception as exc:  # another device, no access, the owner gone: UCX decides
+                    log.info("cuda_ipc_read_failed", tensor_id=ref.tensor_id, error=f"{type(exc).__name__}: {exc}")
+        if not path:
             if out is None:
                 out = self._empty(ref, memory_type)
-            elif out.nbytes != ref.nbytes or not out.flags.c_contiguous:
-                raise DataPlaneError(f"receive buffer has {out.nbytes} bytes, the tensor {ref.nbytes}",
-                                     tensor_id=ref.tensor_id)
             assert self.transport is not None
             await self.transport.fetch(ref.address, ref.tensor_id, out, self.config.pull_timeout)
-            self.bytes_pulled += ref.nbytes
-            metrics.DATA_PLANE_BYTES.labels("pulled").inc(ref.nbytes)
-            metrics.DATA_PLANE_PULLS.inc()
+            path = "ucx"
+        self.pulls[path] += 1
+        self.bytes_pulled += ref.nbytes
+        metrics.DATA_PLANE_BYTES.labels("pulled").inc(ref.nbytes)
+        metrics.DATA_PLANE_PULLS.inc()
         return self._typed(out, ref)
 
     @staticmethod
@@ -208,10 +299,11 @@ class DataPlane:
         else:
             assert self.transport is not None
             new_id = await self.transport.command(ref.address, REFERENCE, ref.tensor_id, self.config.pull_timeout)
-        return TensorRef(ref.owner, ref.address, new_id, ref.dtype, ref.shape, ref.nbytes, ref.memory_type,
-                         ref.device_id)
+        return ref.with_id(new_id)
 
     async def release(self, ref: TensorRef) -> None:
+        if ref.segment:
+            self.mappings.forget(ref.segment)
         if ref.owner == self.component_id:
             self.serve_release(ref.tensor_id)
         else:
@@ -241,18 +333,25 @@ class DataPlane:
                 out[name] = value
         return out
 
-    async def materialize(self, values: Mapping[str, Any], memory_type: str = "CPU", *, release: bool = True
-                          ) -> dict[str, Any]:
-        """Pull every ``TensorRef`` in ``values`` (and release it, unless told not to); arrays pass through."""
+    async def materialize(self, values: Mapping[str, Any], memory_type: str = "CPU", *, release: bool = True,
+                          zero_copy: bool = False) -> dict[str, Any]:
+        """Pull every ``TensorRef`` in ``values`` (and release it, unless told not to); arrays pass through.
+        ``zero_copy``: read-only views where the bytes are in shared memory (see ``pull``)."""
         out: dict[str, Any] = {}
         for name, value in values.items():
             if isinstance(value, TensorRef):
-                out[name] = await self.pull(value, memory_type)
+                out[name] = await self.pull(value, memory_type, zero_copy=zero_copy)
                 if release:
                     await self.release_quietly([value])
             else:
                 out[name] = value
         return out
+
+
+def _free(data: Any) -> None:
+    """The store freed a buffer: its segment's name goes (readers keep what they mapped)."""
+    if isinstance(data, shm.Segment):
+        data.unlink()
 
 
 class LazyDataPlane:

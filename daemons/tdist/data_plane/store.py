@@ -3,13 +3,15 @@
 A tensor lives once (a *buffer*) and may have several references (ids handed to
 consumers). Each reference is released explicitly by its consumer, or expires
 when its lease runs out (the backstop for consumers that die). A buffer is freed
-when its last reference goes. Pure bookkeeping: no I/O, no clock of its own.
+when its last reference goes (``on_free`` is told, e.g. to unlink its shared-memory segment).
+Pure bookkeeping: no I/O, no clock of its own.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from tdist.errors import StoreFull, TensorNotFound
@@ -22,7 +24,7 @@ def new_tensor_id() -> str:
 @dataclass
 class _Buffer:
     data: Any
-    """A numpy (or cupy) array, C-contiguous."""
+    """What the plane stores: a C-contiguous numpy or cupy array, or a shared-memory segment."""
     nbytes: int
     refs: set[str] = field(default_factory=set)
 
@@ -34,11 +36,13 @@ class _Ref:
 
 
 class TensorStore:
-    def __init__(self, capacity_bytes: int, default_lease: float) -> None:
+    def __init__(self, capacity_bytes: int, default_lease: float,
+                 on_free: Callable[[Any], None] | None = None) -> None:
         if capacity_bytes <= 0 or default_lease <= 0:
             raise ValueError("capacity_bytes and default_lease must be positive")
         self.capacity_bytes = capacity_bytes
         self.default_lease = default_lease
+        self._on_free = on_free
         self._buffers: dict[str, _Buffer] = {}
         self._refs: dict[str, _Ref] = {}
         self.bytes_used = 0
@@ -54,13 +58,17 @@ class TensorStore:
     def buffers(self) -> int:
         return len(self._buffers)
 
-    def put(self, data: Any, nbytes: int, now: float, lease: float | None = None) -> str:
-        """Store a tensor; returns the id of its first reference."""
+    def check_room(self, nbytes: int) -> None:
+        """``StoreFull`` unless ``nbytes`` more fit (``put`` checks too; this is for before making the data)."""
         if self.bytes_used + nbytes > self.capacity_bytes:
             raise StoreFull(
                 f"tensor store is full: {self.bytes_used} of {self.capacity_bytes} bytes used, {nbytes} more asked",
                 used=self.bytes_used, capacity=self.capacity_bytes, asked=nbytes,
             )
+
+    def put(self, data: Any, nbytes: int, now: float, lease: float | None = None) -> str:
+        """Store a tensor; returns the id of its first reference."""
+        self.check_room(nbytes)
         buffer_id = new_tensor_id()
         self._buffers[buffer_id] = _Buffer(data, nbytes)
         self.bytes_used += nbytes
@@ -100,6 +108,8 @@ class TensorStore:
         if not buf.refs:
             del self._buffers[ref.buffer_id]
             self.bytes_used -= buf.nbytes
+            if self._on_free is not None:
+                self._on_free(buf.data)
 
     def expire(self, now: float) -> list[str]:
         """Release every reference whose lease ran out; returns their ids."""
@@ -107,3 +117,10 @@ class TensorStore:
         for ref_id in gone:
             self.release(ref_id)
         return gone
+
+    def clear(self) -> int:
+        """Release every reference (the store's owner stops serving); returns how many there were."""
+        refs = list(self._refs)
+        for ref_id in refs:
+            self.release(ref_id)
+        return len(refs)
