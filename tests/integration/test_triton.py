@@ -191,6 +191,30 @@ async def test_client_timeout_is_deadline_exceeded_and_the_model_stops(triton: T
     np.testing.assert_array_equal(after.outputs["output"], ~x)
 
 
+async def test_http_timeout_frees_the_caller_and_the_client_serves_on(triton: TritonServer) -> None:
+    """Over HTTP a timed-out call is DeadlineExceeded at once; its connection is dropped (Triton 2.51
+    runs that model execution to its end) and the next call works on a fresh one."""
+    x = np.arange(10, dtype=np.int64)
+    async with _client(triton, "http") as client:
+        await client.infer("encoder", {"input": x})
+        with pytest.raises(DeadlineExceeded):
+            await client.infer("encoder", {"input": x}, parameters={"delay": 0.05}, timeout=0.1)
+        after = await client.infer("encoder", {"input": x}, timeout=60)
+    np.testing.assert_array_equal(after.outputs["output"], ~x)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+async def test_concurrent_calls_each_get_their_own_outputs(triton: TritonServer, protocol: str) -> None:
+    async with _client(triton, protocol) as client:
+        async def one(i: int) -> None:
+            x = _x(100 + i, seed=i)
+            r = await client.infer("encoder", {"input": x}, parameters={"input_copies": 1 + i % 3})
+            np.testing.assert_array_equal(r.outputs["output"], np.tile(~x, 1 + i % 3))
+
+        await asyncio.gather(*(one(i) for i in range(32)))
+        await asyncio.gather(*(one(i) for i in range(32)))
+
+
 async def test_server_unreachable_is_a_triton_error() -> None:
     from tdist.process import free_port
 
@@ -639,6 +663,17 @@ async def test_operator_restart_loads_each_model_once() -> None:
     finally:
         await op.close()
     assert op.repository not in _servers
+
+
+def test_operator_protocol_defaults_to_http_and_is_checked() -> None:
+    from tdist.errors import ConfigError
+    from tdist.operators.triton import TritonOperator
+
+    assert TritonOperator("encoder", 1, {"model_repository": str(REPO)}).protocol == "http"
+    assert TritonOperator("encoder", 1, {"model_repository": str(REPO), "protocol": "grpc"}).protocol == "grpc"
+    with pytest.raises(ConfigError, match="protocol must be") as bad:
+        TritonOperator("encoder", 1, {"model_repository": str(REPO), "protocol": "tcp"})
+    assert bad.value.details["key"] == "parameters.protocol"
 
 
 async def _no_partial(*args: object, **kwargs: object) -> None:
