@@ -11,8 +11,8 @@ worker pack flags), and refused unless:
 * the header carries the same flags as this process's own address (same build and config);
 * no more devices, transports or endpoint addresses than UCX allows;
 * every transport this process also has (same name checksum) has the same device and
-  interface address lengths as here, and every packed float is finite and the bandwidth
-  positive (UCX divides by it).
+  interface address lengths as here (a socket address may be of either IP family), and every
+  packed float is finite and the bandwidth positive (UCX divides by it).
 
 Transports this process lacks are skipped over by length, as UCX does. UCX's unified mode
 (``UCX_UNIFIED_MODE=y``) packs another layout: the data plane then refuses to start, naming
@@ -38,6 +38,8 @@ _FLAG_SYS_DEVICE = 0x20
 _IFACE_LEN_MASK = 0x3F
 _DEVICE_LEN_MASK = 0x1F
 _MD_EMPTY_DEV = 0x80
+_SOCKADDR_LENGTHS = (6, 18)
+"""Packed socket addresses: IPv4 (4 address + 2 port bytes) and IPv6 (16 + 2)."""
 _MD_MASK = 0x7F
 _NULL_RESOURCE = 0xFF
 _MAX_RESOURCES = 128
@@ -179,7 +181,13 @@ class AddressChecker:
         self.own = parse(own)
         self._lengths: dict[int, set[tuple[int, int]]] = {}
         for t in self.own.transports:
-            self._lengths.setdefault(t.name_csum, set()).add((t.dev_addr_len, t.iface_addr_len))
+            lengths = self._lengths.setdefault(t.name_csum, set())
+            lengths.add((t.dev_addr_len, t.iface_addr_len))
+            # A socket device address is an IPv4 (4 + 2 port bytes) or an IPv6 one (16 + 2): a peer
+            # may have the other family on its interfaces (measured: a host with IPv4 only against
+            # one with an IPv6 link-local address, in the three-host cluster test).
+            if t.dev_addr_len in _SOCKADDR_LENGTHS:
+                lengths.update((n, t.iface_addr_len) for n in _SOCKADDR_LENGTHS)
 
     def check(self, data: bytes) -> Layout:
         layout = parse(data)
