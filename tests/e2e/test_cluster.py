@@ -327,6 +327,8 @@ def cluster() -> Iterator[Cluster]:
         yield c
     finally:
         for host in c.hosts.values():
+            host.terminate()
+        for host in c.hosts.values():
             host.cleanup()
         network.destroy()
         _stop_ssh_masters(run_dir / "cp")
