@@ -35,7 +35,8 @@ bench: $(STAMP)
 # tdist and every dependency as wheels, for hosts that install with no index (air-gapped GPU
 # hosts; ansible/roles/tdist_agent and nats_server). Built for .venv's CPython (3.11: Debian 12's
 # python3 on the hosts). Also nvidia-pytriton (its Triton server; installed --no-deps, as in
-# scripts/setup-venv.sh) and numpy<2 (the Triton stub site). Wheels already in the directory are
+# scripts/setup-venv.sh), numpy<2 (the Triton stub site), and setuptools and wheel (so that the
+# directory alone can build tdist again: PIP_NO_INDEX=1 make wheelhouse). Wheels already there are
 # reused; SHA256SUMS lists them all (the role reinstalls when it changes). The tdist wheel is built
 # from a copy of the tree, so nothing is written into it.
 wheelhouse: $(STAMP)
@@ -46,7 +47,7 @@ wheelhouse: $(STAMP)
 	  $(PY) -m pip wheel --quiet --disable-pip-version-check --find-links $(WHEELHOUSE) \
 	    --wheel-dir $(WHEELHOUSE) "$$src" && \
 	  $(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps --find-links $(WHEELHOUSE) \
-	    --wheel-dir $(WHEELHOUSE) 'nvidia-pytriton==0.7.0' 'numpy<2'
+	    --wheel-dir $(WHEELHOUSE) 'nvidia-pytriton==0.7.0' 'numpy<2' 'setuptools>=68' wheel
 	@cd $(WHEELHOUSE) && sha256sum *.whl > SHA256SUMS
 	@echo "wheelhouse: $(WHEELHOUSE) ($$(ls $(WHEELHOUSE)/*.whl | wc -l) wheels, $$(du -sh $(WHEELHOUSE) | cut -f1))"
 

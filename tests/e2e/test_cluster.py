@@ -109,14 +109,17 @@ class Cluster:
     inventory: Path | None = None
     credentials: Path | None = None
     ansible_env: dict[str, str] = field(default_factory=dict)
+    tls_ca: Path | None = None
+    """The CA of the members' certificates: clients and routes use TLS (None: plain TCP)."""
 
     # -- ansible ----------------------------------------------------------------------------
 
-    def playbook(self, *extra: str, name: str = "site.yml", timeout: float = 1800) -> tuple[str, dict[str, dict[str, int]]]:
+    def playbook(self, *extra: str, name: str, playbook: str = "site.yml", timeout: float = 1800
+                 ) -> tuple[str, dict[str, dict[str, int]]]:
         """Run ``ansible-playbook site.yml``; returns its output and the PLAY RECAP per host."""
         assert self.inventory is not None
         out_file = self.run_dir / f"ansible-{name}-{time.monotonic_ns()}.log"
-        cmd = [str(BIN / "ansible-playbook"), "-i", str(self.inventory), "site.yml", *extra]
+        cmd = [str(BIN / "ansible-playbook"), "-i", str(self.inventory), playbook, *extra]
         with open(out_file, "w") as out:
             proc = subprocess.run(cmd, cwd=ANSIBLE_DIR, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
                                   env=self.ansible_env, stdin=subprocess.DEVNULL)
@@ -147,11 +150,13 @@ class Cluster:
         return (self.credentials / f"nats-{user}.password").read_text().strip()
 
     def urls(self, *nodes: str) -> list[str]:
-        return [f"nats://{self.addresses[n]}:4222" for n in (nodes or NODES)]
+        scheme = "tls" if self.tls_ca else "nats"
+        return [f"{scheme}://{self.addresses[n]}:4222" for n in (nodes or NODES)]
 
     def client_args(self, *args: str, nodes: tuple[str, ...] = ()) -> list[str]:
         urls = [a for u in self.urls(*nodes) for a in ("--nats-url", u)]
-        return [*args, *urls, "--namespace", NAMESPACE, "--user", f"{NAMESPACE}-client",
+        tls = ["--tls-ca", str(self.tls_ca)] if self.tls_ca else []
+        return [*args, *urls, *tls, "--namespace", NAMESPACE, "--user", f"{NAMESPACE}-client",
                 "--password", self.password(f"{NAMESPACE}-client")]
 
     def client(self, *args: str, nodes: tuple[str, ...] = (), timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -165,6 +170,7 @@ class Cluster:
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(self.client_args(*args, nodes=nodes)))
         proc.stdin.close()
+        proc.stdin = None  # communicate() later must not flush it
         return proc
 
     def client_env(self) -> dict[str, str]:
@@ -205,12 +211,14 @@ def write_inventory(c: Cluster, key: Path, known_hosts: Path, wheelhouse: Path) 
         "tdist_credentials_dir": str(c.credentials),
         "tdist_nats_group": "nats",
         "tdist_nats_client_port": 4222,
-        "tdist_nats_tls": False,
+        "tdist_nats_tls": c.tls_ca is not None,
+        **({"tdist_nats_tls_ca_file": str(c.tls_ca)} if c.tls_ca else {}),
     }
     (inv / "group_vars/all.yml").write_text(json.dumps(group_all, indent=1))
     (inv / "group_vars/nats.yml").write_text(json.dumps({
         "nats_server_lame_duck_duration": 30, "nats_server_lame_duck_grace_period": 5,
         "nats_server_jetstream_max_memory": "256M", "nats_server_jetstream_max_file": "2G",
+        "nats_server_route_tls": c.tls_ca is not None,
     }, indent=1))
     (inv / "group_vars/gpu_nodes.yml").write_text(json.dumps({
         "tdist_agent_gpus": "none",
@@ -225,8 +233,37 @@ def write_inventory(c: Cluster, key: Path, known_hosts: Path, wheelhouse: Path) 
 
 
 def write_host_vars(inv: Path, node: str, echo_drain: float = 30.0) -> None:
-    (inv / "host_vars" / f"{node}.yml").write_text(
-        json.dumps({"tdist_agent_workers": [STAGES[node], echo_worker(echo_drain)]}, indent=1))
+    host: dict[str, Any] = {"tdist_agent_workers": [STAGES[node], echo_worker(echo_drain)]}
+    tls = inv.parent / "tls"
+    if (tls / f"{node}.pem").exists():
+        host.update(nats_server_tls_cert_file=str(tls / f"{node}.pem"),
+                    nats_server_tls_key_file=str(tls / f"{node}-key.pem"))
+    (inv / "host_vars" / f"{node}.yml").write_text(json.dumps(host, indent=1))
+
+
+def make_certificates(c: Cluster) -> Path | None:
+    """A CA and one certificate per member naming its address (clients and routes verify it).
+
+    None (plain TCP) where openssl is missing."""
+    if not shutil.which("openssl"):
+        log("openssl is not installed: the cluster runs without TLS")
+        return None
+    tls = c.run_dir / "tls"
+    tls.mkdir(mode=0o700)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tls)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=tdist-test-ca")
+    for n in NODES:
+        (tls / f"{n}.ext").write_text(f"subjectAltName=IP:{c.addresses[n]},DNS:{n}\n"
+                                      "extendedKeyUsage=serverAuth,clientAuth\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{n}-key.pem", "-out", f"{n}.csr",
+                "-subj", f"/CN={n}")
+        openssl("x509", "-req", "-in", f"{n}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+                "-out", f"{n}.pem", "-days", "2", "-extfile", f"{n}.ext")
+    return tls / "ca.pem"
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +309,7 @@ def cluster() -> Iterator[Cluster]:
         log(f"hosts: {c.addresses} on bridge {network.bridge}")
 
         c.credentials = run_dir / "credentials"
+        c.tls_ca = make_certificates(c)
         c.inventory = write_inventory(c, key, known_hosts, wheelhouse)
         home = run_dir / "ansible-home"
         c.ansible_env = {
@@ -288,6 +326,8 @@ def cluster() -> Iterator[Cluster]:
         }
         yield c
     finally:
+        for host in c.hosts.values():
+            host.terminate()
         for host in c.hosts.values():
             host.cleanup()
         network.destroy()
@@ -378,6 +418,15 @@ def test_agents_active_with_workers_registered(deployed: Cluster) -> None:
 
 def test_hello_world_across_hosts(deployed: Cluster) -> None:
     c = deployed
+    # Measured: a Triton worker registers as serving (and the agent's /ready turns 200) before
+    # its model is loaded; calls fail with TRITON_MODEL_NOT_READY for a few seconds. Wait for
+    # one answer of each stage first (the time it took is printed).
+    t0 = time.monotonic()
+    for stage in ("encoder", "decoder"):
+        wait_for(f"the {stage} model to answer", lambda stage=stage: (lambda p: (p.returncode == 0, tail(
+            p.stdout + p.stderr, 3)))(c.client("--operator", stage, "--requests", "1", "--timeout", "20",
+                                               "--no-progress", timeout=120)), 180)
+    log(f"Triton models answering {time.monotonic() - t0:.1f} s after the agents were ready")
     before = c.workers()
     proc = c.client("--requests", "40", "--concurrency", "8", "--timeout", "60", "--no-progress", "--json",
                     timeout=300)
@@ -421,15 +470,19 @@ def _changed_tasks(out: str) -> str:
 
 
 async def _nats_checks(c: Cluster) -> dict[str, Any]:
+    import ssl
+
     import nats
     from nats.errors import TimeoutError as NatsTimeout
 
     seen: dict[str, Any] = {}
     urls = c.urls("node1", "node2")
+    tls: dict[str, Any] = {"tls": ssl.create_default_context(cafile=str(c.tls_ca))} if c.tls_ca else {}
 
     # No credentials: refused.
     try:
-        nc = await nats.connect(servers=urls, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
+        nc = await nats.connect(servers=urls, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5,
+                                **tls)
         await nc.close()
         seen["anonymous"] = "connected"
     except Exception as exc:
@@ -442,7 +495,7 @@ async def _nats_checks(c: Cluster) -> dict[str, Any]:
             errors.append(str(exc))
 
         nc = await nats.connect(servers=urls, user=user, password=c.password(user), error_cb=on_error,
-                                allow_reconnect=False, connect_timeout=5)
+                                allow_reconnect=False, connect_timeout=5, **tls)
         return nc, errors
 
     # The agents' user (their workers use it too): its namespace yes, another one no.
@@ -553,7 +606,7 @@ def test_rolling_restart_under_load_loses_nothing(deployed: Cluster) -> None:
     with LoadLoop(c) as load:
         wait_for("the load to start", lambda: (len(load.results) >= 1, len(load.results)), 120)
         with timed("rolling nats-server restart under load"):
-            out, recap = c.playbook("-e", "nats_server_restart=true", name="restart")
+            out, recap = c.playbook("-e", "nats_server_restart=true", name="restart", playbook="nats.yml")
         time.sleep(3)
     print(_recap(out), flush=True)
     # serial: 1: a member restarts and is healthy again before the next one restarts.
