@@ -80,7 +80,7 @@ async def test_encoder_bytes_reach_the_decoder_without_passing_through_encoder_d
     middle = mid.info()
     assert middle.bytes_pulled == 0 and middle.bytes_served == 0
     assert dec.info().bytes_pulled >= x.nbytes  # the decoder pulled the encoder's output itself
-    assert enc.info().bytes_served >= x.nbytes
+    # (on one host through the encoder's shared memory: the encoder serves nothing over the wire)
 
 
 async def test_wrong_dtype_or_shape_is_an_error_response(client: Client, pipeline) -> None:

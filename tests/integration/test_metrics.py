@@ -102,9 +102,9 @@ async def test_metrics_and_logs_after_200_requests(tmp_path: Path, namespace: st
         assert len(failed) == 1 and total(samples, "tdist_requests_total", **op) == sent
         assert total(samples, "tdist_requests_in_flight", **op) == 0
         assert samples[("tdist_queue_depth", (("operator", "op"), ("version", "1")))] == 0
-        # The workers pulled the large inputs from the client and served their outputs back.
+        # The workers pulled the large inputs from the client. (On one host the client reads the
+        # workers' outputs from their shared memory: nothing is "served" over the wire then.)
         assert total(samples, "tdist_data_plane_bytes_total", direction="pulled") >= BY_REFERENCE * BIG.nbytes
-        assert total(samples, "tdist_data_plane_bytes_total", direction="served") >= BY_REFERENCE * BIG.nbytes
         assert total(samples, "tdist_data_plane_pulls_total") >= BY_REFERENCE
         assert samples[("tdist_agent_workers", (("state", "RUNNING"),))] == 2
         assert samples[("tdist_agent_ready", ())] == 1
