@@ -126,15 +126,13 @@ def cleanup_stale() -> int:
     return removed
 
 
-def _orphan_server_pids() -> list[int]:
-    """PIDs of tritonserver processes started by a ``TritonServer`` whose owner process is gone
-    (recognised by the ``shm-region-prefix-name=tdist_triton_<owner pid>_`` option we give them)."""
-    pids: list[int] = []
-    marker = b"--backend-config=python,shm-region-prefix-name=tdist_triton_"
+def _commands(program_suffix: bytes) -> list[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process whose program name ends with ``program_suffix``."""
+    found: list[tuple[int, list[bytes]]] = []
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return pids
+        return found
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -143,14 +141,25 @@ def _orphan_server_pids() -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if not argv or not argv[0].endswith(b"/tritonserver"):
-            continue
-        for arg in argv[1:]:
-            if arg.startswith(marker):
-                owner = arg[len(marker):].split(b"_", 1)[0]
-                if owner.isdigit() and int(owner) != os.getpid() and not alive(int(owner)):
-                    pids.append(int(entry))
-                break
+        if argv and argv[0].endswith(program_suffix):
+            found.append((int(entry), argv))
+    return found
+
+
+def _owner_gone(owner: bytes) -> bool:
+    """Whether the ``<pid>`` of a ``tdist_triton_<pid>_`` name is a process that is gone (not ours)."""
+    return owner.isdigit() and int(owner) != os.getpid() and not alive(int(owner))
+
+
+def _orphan_server_pids() -> list[int]:
+    """PIDs of tritonserver processes started by a ``TritonServer`` whose owner process is gone
+    (recognised by the ``shm-region-prefix-name=tdist_triton_<owner pid>_`` option we give them)."""
+    marker = b"--backend-config=python,shm-region-prefix-name=tdist_triton_"
+    pids: list[int] = []
+    for pid, argv in _commands(b"/tritonserver"):
+        owners = [arg[len(marker):].split(b"_", 1)[0] for arg in argv[1:] if arg.startswith(marker)]
+        if owners and _owner_gone(owners[0]):
+            pids.append(pid)
     return pids
 
 
@@ -158,28 +167,13 @@ def _stub_pids(prefix: str, orphans_only: bool = False) -> list[int]:
     """PIDs of python-backend stubs whose command line names a shm region starting with ``prefix``
     (one server's: ``tdist_triton_<pid>_<start>_``). ``orphans_only``: only those whose region names
     a ``tdist_triton_<pid>_`` owner that is gone (and not ours)."""
-    pids: list[int] = []
     needle = prefix.encode()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return pids
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if not argv or not argv[0].endswith(_STUB_NAME.encode()):
-            continue
+    pids: list[int] = []
+    for pid, argv in _commands(_STUB_NAME.encode()):
         names = [a for a in argv[1:] if a.startswith(needle)]
         if not names:
             continue
-        if orphans_only:
-            owner = names[0][len(b"tdist_triton_"):].split(b"_", 1)[0]
-            if not owner.isdigit() or int(owner) == os.getpid() or alive(int(owner)):
-                continue
-        pids.append(int(entry))
+        if orphans_only and not _owner_gone(names[0][len(b"tdist_triton_"):].split(b"_", 1)[0]):
+            continue
+        pids.append(pid)
     return pids
