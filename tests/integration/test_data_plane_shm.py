@@ -163,6 +163,52 @@ async def test_an_owner_killed_mid_pull_gives_the_bytes_or_a_typed_error(path: s
             assert swept <= (sum(what == "bytes" and dead for what, dead in outcomes) >= 2), outcomes
 
 
+async def test_the_agent_sweep_removes_a_dead_pids_segments_and_keeps_a_live_ones() -> None:
+    with owner_process(4096, count=2) as (live, live_info), owner_process(4096, count=3) as (dead, dead_info):
+        assert len(segments_of(live_info["pid"])) == 2 and len(segments_of(dead_info["pid"])) == 3
+        dead.kill()
+        dead.wait(30)
+        assert len(segments_of(dead_info["pid"])) == 3  # SIGKILL: nobody unlinked them
+        sweeper = ShmSweeper(every=3600.0)
+        removed = sweeper.sweep()
+        assert set(removed) >= {from_fields(f).segment for f in dead_info["refs"]}
+        assert not segments_of(dead_info["pid"]) and len(segments_of(live_info["pid"])) == 2
+        sweeper.tick()  # not due: nothing happens
+        # The live owner still serves through its segments.
+        plane = await DataPlane("consumer", DataPlaneConfig()).start()
+        try:
+            for f in live_info["refs"]:
+                assert np.array_equal(await plane.pull(from_fields(f)), pattern(4096))
+            assert plane.pulls == {"shm": 2}
+        finally:
+            await plane.close()
+
+
+async def test_a_starting_agent_sweeps_and_keeps_sweeping(tmp_path: Path, nats_server, namespace: str) -> None:  # type: ignore[no-untyped-def]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    before = Path(shm.SHM_DIR, f"tdist-{gone.pid}-{uuid.uuid4().hex}")
+    before.write_bytes(b"left by a process killed before the agent started")
+    config = tmp_path / "agent.toml"
+    config.write_text(agent_toml(tmp_path, nats=f'servers = ["{nats_server.url}"]', namespace=namespace, count=1))
+    agent = AgentProcess(config)
+    try:
+        await agent.wait_ready()
+        assert not before.exists()
+        later = Path(shm.SHM_DIR, f"tdist-{gone.pid}-{uuid.uuid4().hex}")
+        later.write_bytes(b"left by a process killed while the agent runs")
+        with owner_process(4096) as (_, live):
+            for _ in range(300):  # the agent sweeps every 10 s
+                if not later.exists():
+                    break
+                await asyncio.sleep(0.1)
+            assert not later.exists()
+            assert len(segments_of(live["pid"])) == 1
+    finally:
+        cleanup(tmp_path / "state", agent)
+        before.unlink(missing_ok=True)
+
+
 # -- other hosts: network namespaces ----------------------------------------------------------
 
 
