@@ -258,7 +258,7 @@ class Mappings:
         if fd is None:
             return False
         try:
-            if name in self._seen:  # read again: worth a mapping
+            if name in self._seen and nbytes <= self.max_bytes:  # read again: worth a kept mapping
                 np.copyto(out.reshape(-1).view(np.uint8), self._keep(name, fd, nbytes))
                 return True
             self._seen[name] = None
