@@ -10,11 +10,13 @@ other consumer pulls over UCX as before. Whatever goes wrong on the shared-memor
 authoritative one (``TensorNotFound``, ``PeerUnreachable``).
 
 Host identity (``host_identity``): a digest of the kernel's boot id, the device and inode of
-the /dev/shm this process sees, its network namespace's inode and the host name. Same boot
-id and same /dev/shm mean the segment is visible; the network namespace is in it so that
+the /dev/shm this process sees, its network and pid namespaces' inodes and the host name. Same
+boot id and same /dev/shm mean the segment is visible; the network namespace is in it so that
 processes in different network namespaces of one machine (the data-plane benchmark's "hosts",
 ``ip netns exec`` shares /dev/shm) count as different hosts and stay on UCX/TCP, as real hosts
-would. The cost is that two containers sharing /dev/shm but not the network use UCX.
+would; the pid namespace so that the owner's pid in a segment's name means the same process to
+the consumer (``owner_alive``). The cost is that two containers sharing /dev/shm but not the
+network or the pid namespace use UCX.
 
 Lifetimes. The owner unlinks a segment when the store frees its buffer (the last reference
 released or expired, or the plane closed), and at interpreter exit (``atexit``, this
@@ -83,9 +85,10 @@ def host_identity(directory: str = SHM_DIR) -> str:
                 boot = f.read().strip()
             shm = os.stat(directory)
             netns = os.stat("/proc/self/ns/net").st_ino
+            pidns = os.stat("/proc/self/ns/pid").st_ino
             if not stat.S_ISDIR(shm.st_mode):
                 raise NotADirectoryError(directory)
-            parts = f"{boot}|{shm.st_dev}:{shm.st_ino}|{netns}|{socket.gethostname()}"
+            parts = f"{boot}|{shm.st_dev}:{shm.st_ino}|{netns}|{pidns}|{socket.gethostname()}"
             _host_id = hashlib.sha256(parts.encode()).hexdigest()[:32]
         except OSError as exc:
             log.info("shared_memory_unavailable", error=f"{type(exc).__name__}: {exc}")
@@ -307,14 +310,26 @@ class Mappings:
         self._seen.clear()
 
 
+def owner_pid(name: str) -> int:
+    match = NAME.fullmatch(name)
+    if match is None:
+        raise DataPlaneError(f"not a segment name: {name!r:.80}")
+    return int(match.group(1))
+
+
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not: it has exited, its parent has not reaped it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
         return True
-    return True
 
 
 def sweep_dead(directory: str = SHM_DIR) -> list[str]:
