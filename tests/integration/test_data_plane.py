@@ -226,8 +226,10 @@ async def test_a_killed_owners_segment_gives_the_bytes_until_swept_then_a_typed_
         assert np.array_equal(await plane.pull(ref), x)
         assert ref.segment in shm.sweep_dead()
         t0 = time.monotonic()
-        with pytest.raises(PeerUnreachable):
+        with pytest.raises(PeerUnreachable, match="has exited"):  # its pid is gone: UCX is not asked
             await plane.pull(ref)
+        with pytest.raises(PeerUnreachable, match="has exited"):
+            await plane.release(ref)
         assert time.monotonic() - t0 < timeout * 3
         assert plane.pulls == {"shm": 1}  # counted are pulls that brought the bytes
 

@@ -27,8 +27,8 @@ from tdist.client import Client
 from tdist.config import DataPlaneConfig
 from tdist.data_plane import shm
 from tdist.data_plane.descriptor import TensorRef
-from tdist.data_plane.plane import DataPlane
-from tdist.errors import DataPlaneError, PeerUnreachable
+from tdist.data_plane.plane import DataPlane, gpu_available
+from tdist.errors import DataPlaneError
 from tests.conftest import WorkerProcesses, operator_flag
 from tests.support.agent import AgentProcess, agent_toml, cleanup
 
@@ -50,12 +50,14 @@ def segments_of(pid: int) -> list[str]:
 
 
 @contextmanager
-def owner_process(nbytes: int, count: int = 1, *, shared_memory: bool = True, netns: str | None = None
-                  ) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+def owner_process(nbytes: int, count: int = 1, *, shared_memory: bool = True, netns: str | None = None,
+                  gpu: bool = False) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
     """A shm_peer owner: (its process, {"pid", "refs"}); stopped (or reaped) and swept after."""
     cmd = [sys.executable, str(PEER), "owner", "--nbytes", str(nbytes), "--count", str(count)]
     if not shared_memory:
         cmd.append("--no-shared-memory")
+    if gpu:
+        cmd.append("--gpu")
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -126,13 +128,13 @@ async def test_an_owner_killed_mid_pull_gives_the_bytes_or_a_typed_error(path: s
         def kill_soon() -> None:
             pulling.wait(60)
             threading.Event().wait(random.uniform(0.0, 0.3))
+            killed.set()  # just before: a pull may see the owner die before this thread sees it
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
-            killed.set()
 
         killer = threading.Thread(target=kill_soon, daemon=True)
         killer.start()
-        outcomes: list[str] = []
+        outcomes: list[tuple[str, bool]] = []  # (bytes or the error's type, whether the owner was dead by then)
         buf = np.empty(nbytes, dtype=np.uint8)
         swept = False
         try:
@@ -140,25 +142,46 @@ async def test_an_owner_killed_mid_pull_gives_the_bytes_or_a_typed_error(path: s
                 pulling.set()
                 try:
                     got = await plane.pull(ref, out=buf if i % 2 else None, zero_copy=i % 3 == 0)
-                    assert np.array_equal(got, want), f"pull {i} gave wrong bytes"
-                    outcomes.append("bytes")
+                    ok = bool(np.array_equal(got, want))
+                    del got
+                    assert ok, f"pull {i} gave wrong bytes"
+                    outcomes.append(("bytes", killed.is_set()))
                 except DataPlaneError as exc:
-                    outcomes.append(type(exc).__name__)
-                    if swept or not shared:
-                        break
-                del got
-                if killed.is_set() and outcomes.count("bytes") >= 2 and not swept:
+                    outcomes.append((type(exc).__name__, killed.is_set()))
+                    break  # the owner is gone and so is its segment (if it had one)
+                if killed.is_set() and not swept and sum(dead for _, dead in outcomes) >= 2:
                     swept = bool(shm.sweep_dead())  # the agent's sweep: the segment's name goes
                 await asyncio.sleep(0.001)
         finally:
             killer.join(60)
             await plane.close()
         assert killed.is_set()
-        assert set(outcomes) <= {"bytes", "PeerUnreachable", "TensorNotFound"}, outcomes
-        assert outcomes[-1] == "PeerUnreachable", outcomes
-        assert shared == swept
-        if shared:  # the segment outlived its owner: the pulls after the kill still read the bytes
-            assert outcomes.count("bytes") >= 2
+        assert {what for what, _ in outcomes} <= {"bytes", "PeerUnreachable"}, outcomes
+        assert outcomes[-1] == ("PeerUnreachable", True), outcomes
+        if shared:
+            # The segment outlived its owner: reads after the kill gave the bytes, until the
+            # segment was swept (by this test, or by any other tdist process on the host).
+            assert ref.segment not in os.listdir(shm.SHM_DIR)
+            assert swept <= (sum(what == "bytes" and dead for what, dead in outcomes) >= 2), outcomes
+
+
+async def test_a_gpu_tensor_on_the_same_host_goes_through_cuda_ipc() -> None:
+    if not gpu_available():
+        pytest.skip("no GPU: cupy cannot allocate device memory here (CUDA driver missing), so the CUDA IPC "
+                    "path (data_plane/cuda_ipc.py) cannot run; its descriptor fields are checked in "
+                    "tests/unit/test_malformed_requests.py")
+    import cupy  # type: ignore[import-not-found]
+
+    with owner_process(1 << 20, gpu=True) as (_, info):
+        ref = from_fields(info["refs"][0])
+        assert ref.memory_type == "GPU" and ref.ipc and ref.host == shm.host_identity() and not ref.segment
+        plane = await DataPlane("consumer", DataPlaneConfig()).start()
+        try:
+            got = await plane.pull(ref, memory_type="GPU")
+            assert isinstance(got, cupy.ndarray) and bool((got == cupy.asarray(pattern(1 << 20))).all())
+            assert plane.pulls == {"ipc": 1}
+        finally:
+            await plane.close()
 
 
 async def test_the_agent_sweep_removes_a_dead_pids_segments_and_keeps_a_live_ones() -> None:

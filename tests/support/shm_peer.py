@@ -1,6 +1,6 @@
 """A data-plane owner or consumer in its own process, for the shared-memory tests.
 
-    python tests/support/shm_peer.py owner --nbytes 1048576 [--count 1] [--no-shared-memory]
+    python tests/support/shm_peer.py owner --nbytes 1048576 [--count 1] [--no-shared-memory] [--gpu]
 
 prints one JSON line ``{"pid", "refs": [descriptor fields...]}``, each tensor's bytes being
 ``np.arange(nbytes) % 251`` as uint8, then serves until a line ``quit`` (or the end of stdin).
@@ -47,6 +47,10 @@ async def owner(args: argparse.Namespace) -> None:
     config = DataPlaneConfig(shared_memory=args.shared_memory, store_bytes=max(2 << 30, 2 * args.count * args.nbytes))
     plane = await DataPlane(f"shm-owner-{os.getpid()}", config).start()
     data = pattern(args.nbytes)
+    if args.gpu:
+        import cupy  # type: ignore[import-not-found]
+
+        data = cupy.asarray(data)
     refs = [plane.put(data) for _ in range(args.count)]
     print(json.dumps({"pid": os.getpid(), "refs": [fields(r) for r in refs]}), flush=True)
     loop = asyncio.get_running_loop()
@@ -76,6 +80,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--refs")
     parser.add_argument("--no-shared-memory", dest="shared_memory", action="store_false")
+    parser.add_argument("--gpu", action="store_true", help="owner: the tensors in GPU memory (cupy)")
     args = parser.parse_args()
     logs.configure("info", stream=sys.stderr)  # stdout carries this script's JSON lines only
     asyncio.run(owner(args) if args.role == "owner" else consumer(args))

@@ -98,6 +98,15 @@ def test_what_cannot_be_read_is_refused_not_guessed(shm_dir: str) -> None:
     seg.unlink()
 
 
+def test_a_large_segment_is_mapped_from_its_first_read(shm_dir: str) -> None:
+    seg = shm.Segment.create(data(shm.MAP_FIRST_BYTES), shm_dir)
+    maps = shm.Mappings(1 << 30, shm_dir)
+    out = np.zeros(shm.MAP_FIRST_BYTES, dtype=np.uint8)
+    assert maps.read(seg.name, shm.MAP_FIRST_BYTES, out) and np.array_equal(out, data(shm.MAP_FIRST_BYTES))
+    assert len(maps) == 1
+    seg.unlink()
+
+
 def test_kept_mappings_are_bounded_in_bytes(shm_dir: str) -> None:
     segs = [shm.Segment.create(data(4096), shm_dir) for _ in range(4)]
     maps = shm.Mappings(3 * 4096, shm_dir)

@@ -10,11 +10,13 @@ other consumer pulls over UCX as before. Whatever goes wrong on the shared-memor
 authoritative one (``TensorNotFound``, ``PeerUnreachable``).
 
 Host identity (``host_identity``): a digest of the kernel's boot id, the device and inode of
-the /dev/shm this process sees, its network namespace's inode and the host name. Same boot
-id and same /dev/shm mean the segment is visible; the network namespace is in it so that
+the /dev/shm this process sees, its network and pid namespaces' inodes and the host name. Same
+boot id and same /dev/shm mean the segment is visible; the network namespace is in it so that
 processes in different network namespaces of one machine (the data-plane benchmark's "hosts",
 ``ip netns exec`` shares /dev/shm) count as different hosts and stay on UCX/TCP, as real hosts
-would. The cost is that two containers sharing /dev/shm but not the network use UCX.
+would; the pid namespace so that the owner's pid in a segment's name means the same process to
+the consumer (``owner_alive``). The cost is that two containers sharing /dev/shm but not the
+network or the pid namespace use UCX.
 
 Lifetimes. The owner unlinks a segment when the store frees its buffer (the last reference
 released or expired, or the plane closed), and at interpreter exit (``atexit``, this
@@ -25,16 +27,19 @@ process that dies without cleaning up (SIGKILL, OOM) leaves its segments behind:
 ``sweep_dead`` unlinks those whose pid is not alive; the agent runs it at start and every
 10 s, and every data plane at its start and every 60 s. Without an agent, a dead process's
 segments stay until a tdist data plane on the host sweeps (or the host reboots; /dev/shm is
-memory): with no tdist process left on the host, nothing reclaims them. Limits of the pid test: a reused pid keeps its predecessor's segments until it
-dies too; a process in another pid namespace sharing this /dev/shm could look dead, and
-losing its segment's name only sends its consumers to UCX (the owner keeps its mapping).
+memory): with no tdist process left on the host, nothing reclaims them. Limits of the pid
+test: a reused pid keeps its predecessor's segments until it dies too; a process in another pid
+namespace sharing this /dev/shm could look dead, and losing its segment's name only sends its
+consumers to UCX (the owner keeps its mapping).
 
-Measured here (2 cores, loaded VM, 64 MiB; ``benchmarks/data_plane.py``): writing a segment
-with ``write`` runs at 0.6-0.9 GB/s against 0.3 for ``fallocate`` + ``mmap`` + copy (shmem page
-allocation dominates, tmpfs has no huge pages here); a first read with ``preadv`` at about
-memcpy speed, with no page-table work; a read from a kept mapping at memcpy speed (1 MiB: 9-13
-GB/s against 4-6 for ``preadv``, as the pages stay in cache). So a consumer reads a segment with
-``preadv`` the first time and maps it from the second read on (``Mappings``), bounded in bytes.
+Measured here (2 cores, a VM, 64 MiB unless said; ``benchmarks/data_plane.py``): writing a
+segment with ``write`` runs at 0.6-2.4 GB/s against 0.3 for ``fallocate`` + ``mmap`` + copy (shmem
+page allocation dominates, tmpfs has no huge pages here); a first read with ``preadv`` at about
+16 GB/s at 1 MiB but only about 4 GB/s at 64 MiB (memcpy: 45 and 13); a mapping built and
+copied at 7 and 5 GB/s; a read from a kept mapping at 0.85-0.95 of memcpy (the segment's 4 KiB
+pages against numpy's huge pages: /dev/shm has no transparent huge pages here). So a consumer
+reads a segment with ``preadv`` the first time (from 32 MiB on it maps it at once) and from a
+kept mapping after (``Mappings``), bounded in bytes.
 
 Not defended: a process of the same user (or root) that truncates a segment makes a consumer
 reading a zero-copy view of it fault (SIGBUS); copies through ``preadv`` just see a short
@@ -64,6 +69,10 @@ log = get_logger("tdist.data_plane")
 
 SHM_DIR = "/dev/shm"
 _NO_SPACE = (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT)
+MAP_FIRST_BYTES = 32 << 20
+"""From this size on, even a first read maps the segment (and keeps the mapping): measured here, a
+first 64 MiB read runs at 5.0-5.4 GB/s mapped and copied against 4.2-4.4 with ``preadv``, while up
+to 8 MiB ``preadv`` wins (1 MiB: 16 against 7 GB/s)."""
 _MAX_IO = 1 << 30
 """Bytes per read/write call (Linux moves at most 2 GiB - 4 KiB per call anyway)."""
 
@@ -83,9 +92,10 @@ def host_identity(directory: str = SHM_DIR) -> str:
                 boot = f.read().strip()
             shm = os.stat(directory)
             netns = os.stat("/proc/self/ns/net").st_ino
+            pidns = os.stat("/proc/self/ns/pid").st_ino
             if not stat.S_ISDIR(shm.st_mode):
                 raise NotADirectoryError(directory)
-            parts = f"{boot}|{shm.st_dev}:{shm.st_ino}|{netns}|{socket.gethostname()}"
+            parts = f"{boot}|{shm.st_dev}:{shm.st_ino}|{netns}|{pidns}|{socket.gethostname()}"
             _host_id = hashlib.sha256(parts.encode()).hexdigest()[:32]
         except OSError as exc:
             log.info("shared_memory_unavailable", error=f"{type(exc).__name__}: {exc}")
@@ -258,7 +268,7 @@ class Mappings:
         if fd is None:
             return False
         try:
-            if name in self._seen:  # read again: worth a mapping
+            if (name in self._seen or nbytes >= MAP_FIRST_BYTES) and nbytes <= self.max_bytes:
                 np.copyto(out.reshape(-1).view(np.uint8), self._keep(name, fd, nbytes))
                 return True
             self._seen[name] = None
@@ -307,14 +317,26 @@ class Mappings:
         self._seen.clear()
 
 
+def owner_pid(name: str) -> int:
+    match = NAME.fullmatch(name)
+    if match is None:
+        raise DataPlaneError(f"not a segment name: {name!r:.80}")
+    return int(match.group(1))
+
+
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not: it has exited, its parent has not reaped it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
         return True
-    return True
 
 
 def sweep_dead(directory: str = SHM_DIR) -> list[str]:

@@ -130,14 +130,26 @@ class EventDriver:
         self._wake.set()
         return fut
 
+    @staticmethod
+    def _live(ep: Any) -> Any:
+        """The endpoint's handle, if UCX has not reported it failed or it was not closed: nothing is
+        posted on a dead endpoint (UCX may crash on one). Progress runs only in this thread, so the
+        state cannot change between this check and the post."""
+        handle = ep._ep
+        if handle is None or not handle.alive:
+            raise ConnectionError("the endpoint to the peer is closed or failed")
+        return handle
+
     def send(self, ep: Any, buf: Any, tag: int) -> asyncio.Future[None]:
+        handle = self._live(ep)
         arr = self._Array(buf)
-        return self._submit(ep._ep.tag_send(arr, self._Tag(tag)), arr)
+        return self._submit(handle.tag_send(arr, self._Tag(tag)), arr)
 
     def recv_on(self, ep: Any, buf: Any, tag: int) -> asyncio.Future[None]:
         """A receive posted on ``ep`` (matched by tag from any sender; aborting ``ep`` cancels it)."""
+        handle = self._live(ep)
         arr = self._Array(buf)
-        return self._submit(ep._ep.tag_recv(arr, self._Tag(tag), self._TagMaskFull), arr)
+        return self._submit(handle.tag_recv(arr, self._Tag(tag), self._TagMaskFull), arr)
 
     def recv(self, buf: Any, tag: int) -> asyncio.Future[None]:
         """A receive matched on the worker: from any sender."""
