@@ -104,7 +104,8 @@ def from_bytes(buf: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> n
             dtype=dtype,
             shape=list(shape),
         )
-    return np.frombuffer(buf, dtype=np_dtype, count=count).reshape(shape)
+    array = np.frombuffer(buf, dtype=np_dtype, count=count)
+    return array if len(shape) == 1 else array.reshape(shape)  # frombuffer is 1-D already
 
 
 def serialize_bytes_tensor(array: np.ndarray) -> bytes:

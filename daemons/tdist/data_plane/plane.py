@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -64,9 +64,19 @@ def gpu_available() -> bool:
         return False
 
 
+def any_needs_reference(values: Iterable[Any], threshold: int) -> bool:
+    """Whether any of ``values`` must travel by reference (see ``needs_reference``)."""
+    for value in values:
+        if needs_reference(value, threshold):
+            return True
+    return False
+
+
 def needs_reference(value: Any, threshold: int) -> bool:
     """Whether ``value`` must travel by reference: a received one, a GPU array, or one of at
     least ``threshold`` bytes (so 0 sends every tensor by reference)."""
+    if type(value) is np.ndarray and value.dtype.kind != "O":  # the common case first: on every request
+        return value.nbytes >= threshold
     if isinstance(value, TensorRef) or type(value).__module__.startswith("cupy"):
         return True
     if isinstance(value, np.ndarray):

@@ -61,8 +61,9 @@ from nats.js.errors import NotFoundError
 
 from tdist.data_plane.descriptor import TensorRef
 from tdist.logs import get_logger
-from tdist.data_plane.plane import LazyDataPlane, needs_reference
+from tdist.data_plane.plane import LazyDataPlane, any_needs_reference
 from tdist.request_plane import protocol, streams
+from tdist.request_plane.connection import subscribe_inline
 
 log = get_logger("tdist.caller")
 
@@ -247,7 +248,7 @@ class Caller:
         """Requests re-sent under a new message id after their final was lost in a reconnect."""
 
     async def start(self) -> Caller:
-        self._subs.append(await self.nc.subscribe(f"{self._inbox}.>", cb=self._on_inbox))
+        self._subs.append(await subscribe_inline(self.nc, f"{self._inbox}.>", self._on_inbox))
         self._subs.append(await self.nc.subscribe(names.max_deliveries_advisory(self.rp.namespace), cb=self._on_advisory))
         self._upkeep = asyncio.get_running_loop().create_task(self._run_upkeep())
         return self
@@ -322,9 +323,8 @@ class Caller:
                 namespace=self.rp.namespace,
             )
         refs: list[TensorRef] = []
-        if self.data_plane is not None and any(
-            needs_reference(v, self.data_plane.config.inline_threshold) for v in inputs.values()
-        ):
+        plane_config = self.data_plane.config if self.data_plane is not None else None
+        if plane_config is not None and any_needs_reference(inputs.values(), plane_config.inline_threshold):
             plane = await self.data_plane.get()
             inputs = await plane.outgoing(inputs, lease=max(plane.config.lease, deadline - now + LEASE_MARGIN))
             refs = [v for v in inputs.values() if isinstance(v, TensorRef)]
@@ -477,7 +477,7 @@ class Caller:
             self._release_later(pending.refs)
         pending.data = b""
 
-    async def _on_inbox(self, msg: Msg) -> None:
+    def _on_inbox(self, msg: Msg) -> None:
         parts = msg.subject.rsplit(".", 2)
         if len(parts) != 3:
             return

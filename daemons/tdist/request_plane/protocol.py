@@ -118,11 +118,10 @@ def _frame(kind: int, reply: str, header: dict[str, Any], arrays: Mapping[str, A
 
 
 def _unframe(data: bytes, want_kind: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    reply = peek_reply(data)
+    reply, offset = _read_reply(data)
     if reply is None:
         raise InvalidRequest("not a tdist message (bad magic, version, truncated prefix or a reply inbox "
                              "that is not a plain NATS subject)")
-    offset = _PREFIX.size + len(reply.encode())
     kind = data[3]
     if kind != want_kind:
         raise InvalidRequest(f"expected message kind {chr(want_kind)!r}, got {chr(kind)!r}", reply_to=reply)
@@ -132,14 +131,14 @@ def _unframe(data: bytes, want_kind: int) -> tuple[str, dict[str, Any], dict[str
     offset += _HEADER_LEN.size
     if offset + header_len > len(data):
         raise InvalidRequest("message is truncated inside its header", reply_to=reply)
+    view = memoryview(data)
     try:
-        header = orjson.loads(data[offset : offset + header_len])
+        header = orjson.loads(view[offset : offset + header_len])
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"message header is not valid JSON: {exc}", reply_to=reply) from None
     if not isinstance(header, dict):
         raise InvalidRequest("message header is not a JSON object", reply_to=reply)
     offset += header_len
-    view = memoryview(data)
     arrays: dict[str, Any] = {}
     metas = header.get("tensors", [])
     if not isinstance(metas, list):
@@ -189,18 +188,26 @@ with "\r\n" in it would inject protocol commands into the worker's connection.""
 def peek_reply(data: bytes) -> str | None:
     """The reply inbox of a frame, or None if even the fixed prefix is unreadable or the inbox is
     not a subject a worker may publish to ("" for responses, which have none)."""
+    return _read_reply(data)[0]
+
+
+def _read_reply(data: bytes) -> tuple[str | None, int]:
+    """``peek_reply`` and the offset just past the inbox."""
     if len(data) < _PREFIX.size:
-        return None
+        return None, 0
     magic, version, _kind, reply_len = _PREFIX.unpack_from(data, 0)
-    if magic != MAGIC or version != VERSION or _PREFIX.size + reply_len > len(data):
-        return None
+    end = _PREFIX.size + reply_len
+    if magic != MAGIC or version != VERSION or end > len(data):
+        return None, 0
+    if not reply_len:
+        return "", end
     try:
-        reply = bytes(data[_PREFIX.size : _PREFIX.size + reply_len]).decode()
+        reply = str(data[_PREFIX.size : end], "utf-8")
     except UnicodeDecodeError:
-        return None
-    if reply and (len(reply) > MAX_REPLY_SUBJECT or not _REPLY_SUBJECT.fullmatch(reply)):
-        return None
-    return reply
+        return None, 0
+    if reply_len > MAX_REPLY_SUBJECT or not _REPLY_SUBJECT.fullmatch(reply):
+        return None, 0
+    return reply, end
 
 
 def encode_request(msg: RequestMessage) -> bytes:

@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from tdist.logs import get_logger
+from tdist.request_plane.connection import subscribe_inline
 
 log = get_logger("tdist.puller")
 
@@ -62,7 +63,7 @@ class Puller:
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        self._sub = await subscribe_inline(self._nc, self._inbox, self._on_msg)
 
     async def restart(self) -> None:
         """A fresh inbox and no open pull requests: after a reconnect."""
@@ -105,7 +106,7 @@ class Puller:
             except Exception:  # connection already closed
                 pass
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers
         if headers and STATUS in headers and not msg.data:
             status = headers[STATUS]

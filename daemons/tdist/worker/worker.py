@@ -42,7 +42,7 @@ from tdist import names
 from tdist.client import CallLink, RemoteOperator
 from tdist.config import PING_OPERATOR, DataPlaneConfig, NatsConfig, OperatorConfig, RequestPlaneConfig, WorkerConfig
 from tdist.data_plane.descriptor import TensorRef
-from tdist.data_plane.plane import needs_reference
+from tdist.data_plane.plane import any_needs_reference
 from tdist.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -77,10 +77,12 @@ DIRECTED_HELD_MAX = 16
 HELD_CAP = 2
 """Messages an operator may hold (waiting for a slot or running), in units of its max_inflight."""
 NAK_DELAY_NS = 1_000_000_000
+METRICS_EVERY = 5
+"""Per-request metrics are added to the shared values every this many deadline sweeps (and on idle)."""
 """A message delivered beyond an operator's slots is handed back with this redelivery delay."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Held:
     """A delivered, unacknowledged request message: waiting for a slot or running."""
 
@@ -136,11 +138,7 @@ class OperatorRunner:
         self.running = 0
         self.served = 0
         self.puller: Puller | None = None
-        name = config.name
-        self.m_in_flight = metrics.IN_FLIGHT.labels(name)
-        self.m_queue = metrics.QUEUE_SECONDS.labels(name)
-        self.m_run = metrics.RUN_SECONDS.labels(name)
-        self._m_outcomes: dict[str, Any] = {}
+        self.metrics = metrics.OperatorMetrics(config.name, config.version)
         # Top up in batches once a quarter of the slots is free, but never leave none asked for.
         self._min_batch = max(1, config.max_inflight // 4)
 
@@ -163,11 +161,10 @@ class OperatorRunner:
         return OperatorInfo(self.config.name, self.config.version, self.config.max_inflight, self.running)
 
     def count(self, outcome: str) -> None:
-        counter = self._m_outcomes.get(outcome)
-        if counter is None:
-            counter = self._m_outcomes[outcome] = metrics.REQUESTS.labels(
-                self.config.name, str(self.config.version), outcome)
-        counter.inc()
+        self.metrics.count(outcome)
+
+    def flush_metrics(self) -> None:
+        self.metrics.flush(self.running)
 
 
 class Worker:
@@ -346,6 +343,7 @@ class Worker:
         for task in list(self._tasks):
             task.cancel()
         await bounded("tasks", asyncio.gather(*self._tasks, return_exceptions=True))
+        self._flush_metrics()
         for runner in self.runners.values():
             await bounded(f"operator_close {runner.config.name}", runner.instance.close(), OPERATOR_CLOSE_TIMEOUT)
         # Callers may still be pulling outputs of the last requests: give them a moment.
@@ -430,8 +428,12 @@ class Worker:
         One sweep every DEADLINE_SWEEP seconds costs less than a timer per request;
         the caller enforces its deadline exactly, this only stops wasted work.
         """
+        sweeps = 0
         while True:
             await asyncio.sleep(DEADLINE_SWEEP)
+            sweeps += 1
+            if sweeps % METRICS_EVERY == 0:
+                self._flush_metrics()
             now = time.time()
             for held in list(self._held):
                 deadline = held.deadline
@@ -446,6 +448,10 @@ class Worker:
                 elif now >= deadline + HUNG_GRACE and not held.abandoned:
                     held.abandoned = True
                     self.spawn(self._abandon(held))
+
+    def _flush_metrics(self) -> None:
+        for runner in (*self.runners.values(), self._ping):
+            runner.flush_metrics()
 
     async def _abandon(self, held: _Held) -> None:
         """The operator ignored its cancellation: answer, terminate the message, free the slot."""
@@ -537,7 +543,6 @@ class Worker:
         if held.has_slot:
             held.has_slot = False
             held.runner.running -= 1
-            held.runner.m_in_flight.dec()
             held.runner.slots.release()
 
     def _finish(self, held: _Held) -> None:
@@ -554,6 +559,7 @@ class Worker:
             del self._by_request[held.request_id]
         if not self._held:
             self._idle.set()
+            self._flush_metrics()
         held.runner.top_up()
         if held.directed:
             self._top_up_directed()
@@ -580,17 +586,18 @@ class Worker:
             self._by_request[req.id] = held
             refusal = self._refusal(held, req, attempt)
             if refusal is None:
+                waited = runner.slots.locked()
                 await runner.slots.acquire()
                 held.has_slot = True
                 held.started = time.monotonic()
                 runner.running += 1
-                runner.m_in_flight.inc()
                 if held.published_ns:
                     held.queue_seconds = max(0.0, time.time() - held.published_ns / 1e9)
-                    runner.m_queue.observe(held.queue_seconds)
+                    runner.metrics.queue.observe(held.queue_seconds)
                 if attempt > 1:
                     metrics.REDELIVERIES.labels(runner.config.name).inc()
-                refusal = self._refusal(held, req, attempt)
+                if waited:  # cancelled or expired while it waited for the slot
+                    refusal = self._refusal(held, req, attempt)
             if refusal is not None:
                 await self._finish_with(held, req, refusal)
                 return
@@ -704,7 +711,7 @@ class Worker:
     async def _outgoing(self, outputs: Mapping[str, Any]) -> dict[str, Any]:
         """Large outputs stay here (by reference), received ones are forwarded, small ones go inline."""
         threshold = self.data_plane.config.inline_threshold
-        if not any(needs_reference(v, threshold) for v in outputs.values()):
+        if not any_needs_reference(outputs.values(), threshold):
             return dict(outputs)
         return await (await self.data_plane.get()).outgoing(outputs)
 
@@ -730,7 +737,8 @@ class Worker:
         await self._publish(req.reply_to, data)
         await self._ack(held.msg, b"+ACK")
         self._account(held, final, len(data))
-        await self._release_refs(held)
+        if held.refs:
+            await self._release_refs(held)
 
     def _account(self, held: _Held, final: protocol.ResponseMessage, bytes_out: int) -> None:
         """Metrics and the one summary line of a finished request."""
@@ -739,7 +747,7 @@ class Worker:
         runner.count(outcome)
         run = time.monotonic() - held.started if held.started else 0.0
         if held.started:
-            runner.m_run.observe(run)
+            runner.metrics.run.observe(run)
         if self.request_log and runner is not self._ping:
             queue = held.queue_seconds
             log.info("request", worker=self.id, attempt=held.attempt, outcome=outcome,

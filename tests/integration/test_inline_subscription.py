@@ -1,0 +1,89 @@
+"""subscribe_inline against a real nats-server: every message reaches the plain handler in order,
+a failing handler neither stops delivery nor breaks the connection, unsubscribe ends delivery,
+and delivery goes on after the server restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+
+from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
+from tdist.process import free_port
+from tdist.request_plane.connection import _InlineDelivery, subscribe_inline
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"no {what} within {timeout} s") from None
+
+
+async def test_messages_reach_the_handler_in_order_and_a_failing_handler_is_contained(
+        nats_server: EmbeddedNatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        seen: list[bytes] = []
+
+        def handler(msg: Msg) -> None:
+            if msg.data == b"boom":
+                raise RuntimeError("handler failed")
+            seen.append(msg.data)
+
+        sub = await subscribe_inline(nc, "inline.test", handler)
+        assert isinstance(sub._pending_queue, _InlineDelivery)  # the inline path, not the fallback
+        for i in range(500):
+            await nc.publish("inline.test", b"boom" if i == 100 else str(i).encode())
+        await nc.flush()
+        await _wait_for(lambda: len(seen) == 499, "all but the failing message")
+        assert seen == [str(i).encode() for i in range(500) if i != 100]
+        assert sub.pending_bytes == 0 and sub.pending_msgs == 0
+
+        # The connection is still usable both ways after the failure.
+        reply = await nc.request("$JS.API.INFO", b"", timeout=5)
+        assert reply.data
+
+        await sub.unsubscribe()
+        await nc.publish("inline.test", b"after")
+        await nc.flush()
+        await asyncio.sleep(0.2)
+        assert seen[-1] == b"499"
+    finally:
+        await nc.close()
+
+
+async def test_delivery_goes_on_after_the_server_restarts(tmp_path: Path) -> None:
+    options = NatsServerOptions(port=free_port(), store_dir=str(tmp_path / "js"))
+    servers = [EmbeddedNatsServer(options).start()]
+    try:
+        nc = await nats.connect(servers[0].url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+        seen: list[bytes] = []
+        await subscribe_inline(nc, "inline.restart", lambda msg: seen.append(msg.data))
+        await nc.publish("inline.restart", b"before")
+        await nc.flush()
+        await _wait_for(lambda: seen == [b"before"], "the first message")
+        pid = servers[0].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await _wait_for(lambda: not nc.is_connected, "the disconnect")
+        servers[0].stop()
+        servers.append(EmbeddedNatsServer(options).start())
+        await _wait_for(lambda: nc.is_connected, "the reconnect", 30)
+        await nc.publish("inline.restart", b"after")
+        await nc.flush()
+        await _wait_for(lambda: seen == [b"before", b"after"], "the message after the restart")
+        await nc.close()
+    finally:
+        for server in servers:
+            server.stop()
