@@ -76,6 +76,16 @@ async def role_owner() -> None:
     await plane.close()
 
 
+async def timed_pulls(plane: Any, ref: Any, out: np.ndarray, n: int) -> float:
+    """GB/s of ``n`` pulls of ``ref`` into the reused buffer ``out``, after 3 untimed ones."""
+    for _ in range(3):
+        await plane.pull(ref, out=out)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await plane.pull(ref, out=out)
+    return n * ref.nbytes / (time.perf_counter() - t0) / 1e9
+
+
 async def pull_rates(refs: dict[str, Any], repeat: int, sizes: list[str], rounds: int = 1
                      ) -> dict[str, Any]:
     """Per size and round: (GB/s of pulls into a reused buffer, GB/s of np.copyto right after);
@@ -98,13 +108,7 @@ async def pull_rates(refs: dict[str, Any], repeat: int, sizes: list[str], rounds
             for name in sizes:
                 ref = ref_from(refs[name])
                 out = np.empty(ref.nbytes, dtype=np.uint8)
-                n = transfers(ref.nbytes, repeat)
-                for _ in range(3):
-                    await plane.pull(ref, out=out)
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    await plane.pull(ref, out=out)
-                pulled = n * ref.nbytes / (time.perf_counter() - t0) / 1e9
+                pulled = await timed_pulls(plane, ref, out, transfers(ref.nbytes, repeat))
                 rates[name].append((pulled, memcpy_rate(ref.nbytes, repeat)))
         rates["paths"] = dict(plane.pulls)
     finally:
@@ -177,12 +181,7 @@ async def role_cross_host_consumer(refs: dict[str, Any], repeat: int) -> None:
     loop = asyncio.get_running_loop()
     try:
         while await loop.run_in_executor(None, sys.stdin.readline):
-            for _ in range(3):
-                await plane.pull(ref, out=out)
-            t0 = time.perf_counter()
-            for _ in range(repeat):
-                await plane.pull(ref, out=out)
-            rate = repeat * ref.nbytes / (time.perf_counter() - t0) / 1e9
+            rate = await timed_pulls(plane, ref, out, repeat)
             print(json.dumps({"64MiB": rate, "paths": dict(plane.pulls)}), flush=True)
     finally:
         await plane.close()

@@ -75,10 +75,16 @@ def add_version(parser: argparse.ArgumentParser) -> None:
                         help="print the version and exit 0")
 
 
+def subcommand_default(suppress: bool, default: Any = None) -> dict[str, Any]:
+    """``add_argument``'s ``default`` for a flag that both the main parser and a subcommand take:
+    ``default`` on the main parser; SUPPRESS on the subcommand's copy (``suppress``), so that an
+    absent flag there does not overwrite what the main parser read before the subcommand's name."""
+    return {"default": argparse.SUPPRESS if suppress else default}
+
+
 def add_nats_arguments(group: Any, *, suppress: bool = False) -> None:
-    """The connection flags (``suppress``: for a subcommand's copy, so that an absent flag does not
-    overwrite what the main parser read before the subcommand's name)."""
-    default: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    """The connection flags (``suppress``: for a subcommand's copy, see ``subcommand_default``)."""
+    default = subcommand_default(suppress)
     group.add_argument("--nats-url", action="append", metavar="URL", **default,
                        help=f"NATS server URL (repeatable; or ${ENV_URL}, comma-separated)")
     group.add_argument("--user", metavar="NAME", **default, help=f"NATS user (or ${ENV_USER})")

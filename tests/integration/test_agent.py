@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,75 +14,15 @@ import pytest
 
 from tdist.agent.processes import marked_pids
 from tdist.client import Client
-from tests.conftest import OPERATORS
+from tests.support.agent import AgentProcess, agent_toml, cleanup
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def agent_toml(tmp: Path, nats_url: str, namespace: str, *, count: int, gpus: int) -> str:
-    return f"""
-gpus = {list(range(gpus))}
-[node]
-name = "testnode"
-[nats]
-servers = ["{nats_url}"]
-[request_plane]
-namespace = "{namespace}"
-ack_wait = 5.0
-storage = "memory"
-max_bytes = 16777216
-[directories]
-state_dir = "{tmp / 'state'}"
-log_dir = "{tmp / 'logs'}"
-[http]
-port = 0
-[logging]
-level = "info"
-[[workers]]
-name = "count"
-count = {count}
-gpus_per_instance = 1
-registry_ttl = 2.0
-drain_timeout = 30.0
-[[workers.operators]]
-name = "ann"
-implementation = "{OPERATORS}:Announcing"
-max_inflight = 4
-[workers.operators.parameters]
-delay = 1.0
-"""
-
-
-class AgentProcess:
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.proc = subprocess.Popen([sys.executable, "-m", "tdist.agent.main", "--config", str(config)],
-                                     stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert "http on port" in line, f"agent did not start: {line!r}"
-        self.port = int(line.rsplit(" ", 1)[1])
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    async def wait_ready(self, timeout: float = 60) -> None:
-        for _ in range(int(timeout * 10)):
-            if self.get("/ready")[0] == 200:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"agent never ready: {self.get('/ready')}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(60)
-        if self.proc.stdout:
-            self.proc.stdout.close()
+def config_text(tmp: Path, nats_url: str, namespace: str, count: int) -> str:
+    """``count`` instances of ``op`` (Announcing, 1 s), one GPU each, the canary at its defaults."""
+    return agent_toml(tmp, nats=f'servers = ["{nats_url}"]', namespace=namespace, count=count, gpus=count,
+                      operator="Announcing", delay=1.0, drain_timeout=30.0, canary="", ack_wait=5.0)
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -104,23 +42,14 @@ def supervised_pids(state: Path) -> list[int]:
         return []
 
 
-def kill_all(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 async def workers_of(client: Client) -> dict:  # type: ignore[type-arg]
     return {w.id: w for w in (await client.workers()).values() if w.node == "testnode" and w.state == "serving"}
 
 
 async def test_agent_end_to_end(tmp_path: Path, nats_server, namespace: str, client: Client) -> None:
     config = tmp_path / "agent.toml"
-    config.write_text(agent_toml(tmp_path, nats_server.url, namespace, count=2, gpus=2))
+    config.write_text(config_text(tmp_path, nats_server.url, namespace, 2))
     agent = AgentProcess(config)
-    leftovers: list[int] = []
     try:
         assert agent.get("/live")[0] == 200
         await agent.wait_ready()
@@ -128,7 +57,7 @@ async def test_agent_end_to_end(tmp_path: Path, nats_server, namespace: str, cli
         assert sorted(w.gpus for w in ws.values()) == [("0",), ("1",)]  # CUDA_VISIBLE_DEVICES per instance
         samples = metric_samples(agent.get("/metrics")[1])
         assert samples[("tdist_agent_workers", (("state", "RUNNING"),))] == 2
-        assert all(samples[("tdist_agent_worker_up", (("program", f"count-{i}"), ("worker", f"testnode-count-{i}")))]
+        assert all(samples[("tdist_agent_worker_up", (("program", f"w-{i}"), ("worker", f"testnode-w-{i}")))]
                    == 1 for i in range(2))
 
         # A worker killed with SIGKILL: its entry goes at once, supervisord restarts it, it registers again.
@@ -144,7 +73,7 @@ async def test_agent_end_to_end(tmp_path: Path, nats_server, namespace: str, cli
 
         # SIGHUP with one more instance starts only the new one.
         before = {w.id: w.pid for w in (await workers_of(client)).values()}
-        config.write_text(agent_toml(tmp_path, nats_server.url, namespace, count=3, gpus=3))
+        config.write_text(config_text(tmp_path, nats_server.url, namespace, 3))
         agent.proc.send_signal(signal.SIGHUP)
         for _ in range(300):
             if len(await workers_of(client)) == 3 and agent.get("/ready")[0] == 200:
@@ -162,12 +91,11 @@ async def test_agent_end_to_end(tmp_path: Path, nats_server, namespace: str, cli
             await asyncio.sleep(0.1)
         assert metric_samples(agent.get("/metrics")[1])[("tdist_agent_reload_failures_total", ())] == 1
         assert {w.id: w.pid for w in (await workers_of(client)).values()} == after
-        config.write_text(agent_toml(tmp_path, nats_server.url, namespace, count=3, gpus=3))
+        config.write_text(config_text(tmp_path, nats_server.url, namespace, 3))
 
         # An agent killed with SIGKILL and started again leaves one set of workers, not two.
         leftovers = supervised_pids(tmp_path / "state")
-        agent.proc.kill()
-        agent.stop()
+        agent.kill()
         agent = AgentProcess(config)
         await agent.wait_ready()
         assert all(not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
@@ -176,7 +104,7 @@ async def test_agent_end_to_end(tmp_path: Path, nats_server, namespace: str, cli
         assert len(await workers_of(client)) == 3
 
         # SIGTERM with requests in flight completes every one of them before the agent exits.
-        op = client.operator("ann")
+        op = client.operator("op")
         streams = [await op.call({"i": np.array([i])}, timeout=60) for i in range(6)]
         for s in streams:
             first = await s.__anext__()
@@ -192,8 +120,7 @@ async def test_agent_end_to_end(tmp_path: Path, nats_server, namespace: str, cli
         assert not (tmp_path / "state" / "agent.pids").exists()
         assert not (tmp_path / "state" / "nats-client.toml").exists()
     finally:
-        agent.stop()
-        kill_all(supervised_pids(tmp_path / "state") + leftovers)
+        cleanup(tmp_path / "state", agent)
 
 
 def test_check_config_names_the_bad_key(tmp_path: Path) -> None:

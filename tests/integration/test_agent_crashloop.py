@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agent import AgentProcess, agent_toml, cleanup
+from tests.support.agent import AgentProcess, agent_toml, cleanup, worker_toml
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -21,15 +21,7 @@ MESSAGE = "RuntimeError: tdist test: this operator module is broken at import"
 
 def config_text(tmp: Path, namespace: str, nats_url: str, implementation: str) -> str:
     good = agent_toml(tmp, namespace=namespace, count=1, nats=f'servers = ["{nats_url}"]')
-    return good + f"""
-[[workers]]
-name = "bad"
-count = 1
-registry_ttl = 2.0
-[[workers.operators]]
-name = "bad_op"
-implementation = "{implementation}"
-"""
+    return good + worker_toml("bad", implementation, operator="bad_op")
 
 
 def events(text: str, name: str) -> list[dict]:  # type: ignore[type-arg]

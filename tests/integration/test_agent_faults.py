@@ -24,8 +24,16 @@ from tdist.config import NatsConfig, RequestPlaneConfig
 from tdist.errors import NatsServerError
 from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
 from tdist.request_plane import protocol
-from tests.integration.test_agent_lifetime import one_line
-from tests.support.agent import AgentProcess, agent_toml, cleanup, free_port, processes_of, signal_quietly
+from tests.support.agent import (
+    AgentProcess,
+    agent_toml,
+    cleanup,
+    free_port,
+    one_line,
+    processes_of,
+    signal_quietly,
+    write_agent_toml,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -46,9 +54,8 @@ async def test_a_port_in_use_fails_at_once_in_one_line_with_nothing_started(
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         holder.bind(("127.0.0.1", http_port if taken == "http" else nats_port))
         holder.listen()
-        config = tmp_path / "agent.toml"
-        config.write_text(agent_toml(tmp_path, namespace=namespace, http_port=http_port,
-                                     nats=f'servers = ["nats://127.0.0.1:{nats_port}"]\nembedded = true'))
+        config = write_agent_toml(tmp_path, namespace=namespace, http_port=http_port,
+                                  nats=f'servers = ["nats://127.0.0.1:{nats_port}"]\nembedded = true')
         agent = AgentProcess(config, wait_line=False)
         try:
             assert await agent.wait_exit(60) == 1
@@ -82,9 +89,8 @@ async def test_nats_unreachable_at_start_keeps_the_agent_alive_without_workers(
         tmp_path: Path, namespace: str) -> None:
     state = tmp_path / "state"
     port = free_port()
-    config = tmp_path / "agent.toml"
-    config.write_text(agent_toml(tmp_path, namespace=namespace, count=1,
-                                 nats=f'servers = ["nats://127.0.0.1:{port}"]\nconnect_timeout = 1.0'))
+    config = write_agent_toml(tmp_path, namespace=namespace, count=1,
+                              nats=f'servers = ["nats://127.0.0.1:{port}"]\nconnect_timeout = 1.0')
     agent = AgentProcess(config)
     server = EmbeddedNatsServer(NatsServerOptions(port=port))
     try:
@@ -158,10 +164,9 @@ async def test_reload_whose_stop_outlasts_the_rpc_timeout_keeps_the_node_up(
 async def test_a_stopped_worker_fails_the_canary_and_is_restarted_without_losing_a_request(
         tmp_path: Path, namespace: str, nats_server) -> None:  # type: ignore[no-untyped-def]
     state = tmp_path / "state"
-    config = tmp_path / "agent.toml"
-    config.write_text(agent_toml(tmp_path, namespace=namespace, count=2, operator="Counting", delay=0.2,
-                                 canary="period = 1.0\ntimeout = 1.0\nfailures = 2",
-                                 nats=f'servers = ["{nats_server.url}"]'))
+    config = write_agent_toml(tmp_path, namespace=namespace, count=2, operator="Counting", delay=0.2,
+                              canary="period = 1.0\ntimeout = 1.0\nfailures = 2",
+                              nats=f'servers = ["{nats_server.url}"]')
     agent = AgentProcess(config)
     stopped = 0
     try:
@@ -224,11 +229,10 @@ async def test_a_canary_on_an_operator_that_hangs_marks_the_entry_unhealthy(
     """A configured canary payload (the worker's own operator, a request that never ends in time):
     the worker keeps its heartbeat, yet the agent marks its registry entry unhealthy and restarts it."""
     state = tmp_path / "state"
-    config = tmp_path / "agent.toml"
-    config.write_text(agent_toml(
+    config = write_agent_toml(
         tmp_path, namespace=namespace, count=1, operator="Counting", canary="period = 1.0\ntimeout = 0.5\nfailures = 2",
         nats=f'servers = ["{nats_server.url}"]',
-        extra_worker='[workers.canary]\noperator = "op"\ninputs = { x = [1, 2] }\nparameters = { delay = 30 }\n'))
+        extra_worker='[workers.canary]\noperator = "op"\ninputs = { x = [1, 2] }\nparameters = { delay = 30 }\n')
     agent = AgentProcess(config)
     try:
         await deploy(NatsConfig(servers=(nats_server.url,)), rp_for(namespace))  # the agent does it too

@@ -17,23 +17,16 @@ from tdist.agent.processes import MARKER, alive, cmdline, start_time
 from tdist.nats_server import find_nats_server
 from tests.support.agent import (
     AgentProcess,
-    agent_toml,
     cleanup,
     free_port,
+    one_line,
     processes_of,
     signal_quietly,
     wait_gone,
+    write_agent_toml,
 )
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def one_line(stderr: str) -> str:
-    """The one human line of a failed start (the JSON log lines aside); no traceback."""
-    assert "Traceback" not in stderr, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("{")]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def all_pids(procs: dict[str, list[int]]) -> set[int]:
@@ -43,9 +36,8 @@ def all_pids(procs: dict[str, list[int]]) -> set[int]:
 async def test_sigkilled_agent_leaves_nothing_and_starts_again(tmp_path: Path, namespace: str) -> None:
     state = tmp_path / "state"
     port = free_port()
-    config = tmp_path / "agent.toml"
-    config.write_text(agent_toml(tmp_path, namespace=namespace, count=2,
-                                 nats=f'servers = ["nats://127.0.0.1:{port}"]\nembedded = true'))
+    config = write_agent_toml(tmp_path, namespace=namespace, count=2,
+                              nats=f'servers = ["nats://127.0.0.1:{port}"]\nembedded = true')
     first = AgentProcess(config)
     second: AgentProcess | None = None
     planted: list[subprocess.Popen[bytes]] = []
@@ -120,8 +112,7 @@ def _port_taken(port: int) -> bool:
 async def test_supervisord_killed_is_replaced_with_one_set_of_workers(
         tmp_path: Path, namespace: str, nats_server) -> None:  # type: ignore[no-untyped-def]
     state = tmp_path / "state"
-    config = tmp_path / "agent.toml"
-    config.write_text(agent_toml(tmp_path, namespace=namespace, count=2, nats=f'servers = ["{nats_server.url}"]'))
+    config = write_agent_toml(tmp_path, namespace=namespace, count=2, nats=f'servers = ["{nats_server.url}"]')
     agent = AgentProcess(config)
     try:
         await agent.wait_ready()
@@ -158,8 +149,7 @@ async def test_sighup_from_the_first_instruction_does_not_kill_the_agent(
         tmp_path: Path, namespace: str, nats_server) -> None:  # type: ignore[no-untyped-def]
     """SIGHUP is blocked on the module's first line (systemd, with Type=notify, waits for READY=1 anyway)."""
     state = tmp_path / "state"
-    config = tmp_path / "agent.toml"
-    config.write_text(agent_toml(tmp_path, namespace=namespace, count=1, nats=f'servers = ["{nats_server.url}"]'))
+    config = write_agent_toml(tmp_path, namespace=namespace, count=1, nats=f'servers = ["{nats_server.url}"]')
     agent = AgentProcess(config, wait_line=False)
     try:
         # Wait for the interpreter to reach the module's first line, which blocks SIGHUP (before the

@@ -22,7 +22,7 @@ import pytest
 
 from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
 from tests.conftest import operator
-from tests.support.agent import cleanup
+from tests.support.agent import cleanup, write_agent_toml
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -150,35 +150,9 @@ def test_a_missing_creds_file_is_named_by_its_variable(tmp_path: Path) -> None:
 
 
 def agent_file(tmp: Path, namespace: str, servers: str, *, http_port: int = 0) -> Path:
-    config = tmp / "agent.toml"
-    config.write_text(f"""
-gpus = "none"
-[node]
-name = "clinode"
-[nats]
-servers = ["{servers}"]
-[request_plane]
-namespace = "{namespace}"
-storage = "memory"
-max_bytes = 16777216
-[directories]
-state_dir = "{tmp / 'state'}"
-log_dir = "{tmp / 'logs'}"
-[http]
-port = {http_port}
-[canary]
-period = 0
-[[workers]]
-name = "echo"
-count = 1
-registry_ttl = 2.0
-drain_timeout = 5.0
-[[workers.operators]]
-name = "echo"
-implementation = "tdist.operators.builtin:Echo"
-max_inflight = 4
-""")
-    return config
+    """``tmp/agent.toml``: one worker hosting the built-in Echo as operator ``op``."""
+    return write_agent_toml(tmp, nats=f'servers = ["{servers}"]', namespace=namespace, count=1,
+                            implementation="tdist.operators.builtin:Echo", drain_timeout=5.0, http_port=http_port)
 
 
 async def test_agent_run_takes_nats_settings_from_the_environment_and_hands_them_to_its_workers(
@@ -203,7 +177,7 @@ async def test_agent_run_takes_nats_settings_from_the_environment_and_hands_them
         assert [w["state"] for w in listed] == ["serving"], listed
         environ = Path(f"/proc/{listed[0]['pid']}/environ").read_bytes().split(b"\0")
         assert not [v for v in environ if v.startswith(b"TDIST_NATS_")]
-        done = await asyncio.to_thread(run, CLIENT, "--operator", "echo", "--requests", "3", "--no-progress",
+        done = await asyncio.to_thread(run, CLIENT, "--operator", "op", "--requests", "3", "--no-progress",
                                        "--namespace", namespace, env=env)
         assert done.returncode == 0, done.stderr
         agent.send_signal(signal.SIGTERM)

@@ -24,6 +24,7 @@ from tdist.agent.config import AgentConfig, AgentWorkerConfig, load_agent_config
 from tdist.agent.gpus import GpuInfo
 from tdist.agent.supervisor_conf import plan_programs, render
 from tdist.agent.supervisor_rpc import SupervisorClient, SupervisorError, Supervisord
+from tests.support.agent import agent_toml
 
 SLEEPER = textwrap.dedent(
     """
@@ -40,28 +41,7 @@ SLEEPER = textwrap.dedent(
     """
 )
 
-AGENT_TOML = """
-[node]
-name = "testnode"
-gpus = {gpus}
-
-[nats]
-servers = ["nats://127.0.0.1:4222"]
-
-[directories]
-state_dir = "{state}"
-log_dir = "{logs}"
-
-[[workers]]
-name = "w"
-count = {count}
-gpus_per_instance = 1
-drain_timeout = {drain}
-
-[[workers.operators]]
-name = "echo"
-implementation = "tdist.operators.builtin:Echo"
-"""
+ECHO = "tdist.operators.builtin:Echo"
 
 
 class Node:
@@ -84,8 +64,9 @@ class Node:
 
     def write(self, count: int, drain: float = 1) -> AgentConfig:
         path = self.root / "agent.toml"
-        path.write_text(AGENT_TOML.format(gpus=list(range(count)), state=self.state, logs=self.logs, count=count,
-                                          drain=drain))
+        # The workers here are sleepers, never started from this file: its NATS and namespace are unused.
+        path.write_text(agent_toml(self.root, nats='servers = ["nats://127.0.0.1:4222"]', namespace="test",
+                                   count=count, gpus=count, drain_timeout=drain, implementation=ECHO))
         config = load_agent_config(path)
         programs = plan_programs(config, [GpuInfo(g) for g in range(count)], command=self.command)
         self.conf.write_text(render(config.directories.state_dir, config.directories.log_dir, programs))
@@ -231,55 +212,27 @@ def test_a_broken_configuration_fails_start_with_its_output(node: Node) -> None:
         sd.start(timeout=10)
 
 
-REAL_WORKER_TOML = """
-[node]
-name = "testnode"
-gpus = "none"
-
-[nats]
-servers = ["{url}"]
-
-[request_plane]
-namespace = "{namespace}"
-storage = "memory"
-max_bytes = 16777216
-
-[directories]
-state_dir = "{state}"
-log_dir = "{logs}"
-
-[[workers]]
-name = "echo"
-count = 1
-drain_timeout = 2
-
-[[workers.operators]]
-name = "echo"
-implementation = "tdist.operators.builtin:Echo"
-"""
-
-
 def test_a_real_worker_runs_under_supervisord(node: Node, nats_server: Any, namespace: str) -> None:
     path = node.root / "agent.toml"
-    path.write_text(REAL_WORKER_TOML.format(url=nats_server.url, namespace=namespace, state=node.state,
-                                            logs=node.logs))
+    path.write_text(agent_toml(node.root, nats=f'servers = ["{nats_server.url}"]', namespace=namespace, count=1,
+                               drain_timeout=2, implementation=ECHO))
     config = load_agent_config(path)
     programs = plan_programs(config, [], directory=os.getcwd())
     assert programs[0].stopwaitsecs == 2 + 2 + 39 + 63 + 15  # drain 2 s: see supervisor_conf.worker_stop_budget
     node.conf.write_text(render(config.directories.state_dir, config.directories.log_dir, programs))
     node.supervisord = Supervisord(str(node.conf), config.directories.socket_path)
     node.supervisord.start()
-    out = node.logs / "echo-0.out"
+    out = node.logs / "w-0.out"
 
     def ready() -> bool:
         return out.exists() and '"worker_ready"' in out.read_text()
 
-    wait_for(ready, timeout=30, what="worker_ready in echo-0.out")
+    wait_for(ready, timeout=30, what="worker_ready in w-0.out")
     line = next(ln for ln in out.read_text().splitlines() if "worker_ready" in ln)
-    assert json.loads(line) == {"event": "worker_ready", "worker_id": "testnode-echo-0"}
-    wait_for(lambda: node.client.process_info("echo-0")["statename"] == "RUNNING", what="RUNNING (startsecs)")
-    pid = node.client.process_info("echo-0")["pid"]
+    assert json.loads(line) == {"event": "worker_ready", "worker_id": "testnode-w-0"}
+    wait_for(lambda: node.client.process_info("w-0")["statename"] == "RUNNING", what="RUNNING (startsecs)")
+    pid = node.client.process_info("w-0")["pid"]
     assert node.supervisord.stop(timeout=30) == 0
     assert not alive(pid)
-    assert (node.logs / "echo-0.log").exists()
-    assert "stopped: echo-0 (exit status 0)" in (node.state / "supervisord.log").read_text()  # drained, not killed
+    assert (node.logs / "w-0.log").exists()
+    assert "stopped: w-0 (exit status 0)" in (node.state / "supervisord.log").read_text()  # drained, not killed

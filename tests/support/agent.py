@@ -19,19 +19,47 @@ from tdist.agent.processes import cmdline, kill_and_wait, marked_pids
 from tests.conftest import OPERATORS
 
 
-def agent_toml(tmp: Path, *, nats: str, namespace: str, count: int = 2, operator: str = "Counting",
-               delay: float = 0.0, drain_timeout: float = 10.0, canary: str = "period = 0",
-               http_port: int = 0, extra_worker: str = "", state: Path | None = None) -> str:
-    """An agent file: ``nats`` is the body of the [nats] table; ``canary`` of [canary]."""
+def worker_toml(name: str, implementation: str, *, count: int = 1, operator: str = "op", delay: float = 0.0,
+                drain_timeout: float = 10.0, extra: str = "") -> str:
+    """A ``[[workers]]`` table with one operator: ``implementation`` is its "module:Class",
+    ``delay`` its parameter, ``extra`` more keys of the worker table."""
     return f"""
-gpus = "none"
+[[workers]]
+name = "{name}"
+count = {count}
+registry_ttl = 2.0
+drain_timeout = {drain_timeout}
+{extra}
+[[workers.operators]]
+name = "{operator}"
+implementation = "{implementation}"
+max_inflight = 4
+[workers.operators.parameters]
+delay = {delay}
+"""
+
+
+def agent_toml(tmp: Path, *, nats: str, namespace: str, count: int = 2, operator: str = "Counting",
+               implementation: str | None = None, delay: float = 0.0, drain_timeout: float = 10.0,
+               canary: str = "period = 0", http_port: int = 0, extra_worker: str = "", state: Path | None = None,
+               gpus: int | None = None, ack_wait: float = 3.0) -> str:
+    """An agent file with one worker kind ``w`` of operator ``op``: ``nats`` is the body of the
+    [nats] table; ``canary`` of [canary]; ``operator`` a class of tests/support/operators.py
+    (``implementation``, a "module:Class", instead); ``gpus``: GPUs 0..gpus-1, one per instance
+    (None: a CPU node)."""
+    if gpus is not None:
+        extra_worker = f"gpus_per_instance = 1\n{extra_worker}"
+    worker = worker_toml("w", implementation or f"{OPERATORS}:{operator}", count=count, delay=delay,
+                         drain_timeout=drain_timeout, extra=extra_worker)
+    return f"""
+gpus = {'"none"' if gpus is None else list(range(gpus))}
 [node]
 name = "testnode"
 [nats]
 {nats}
 [request_plane]
 namespace = "{namespace}"
-ack_wait = 3.0
+ack_wait = {ack_wait}
 storage = "memory"
 max_bytes = 16777216
 [directories]
@@ -43,19 +71,22 @@ port = {http_port}
 level = "info"
 [canary]
 {canary}
-[[workers]]
-name = "w"
-count = {count}
-registry_ttl = 2.0
-drain_timeout = {drain_timeout}
-{extra_worker}
-[[workers.operators]]
-name = "op"
-implementation = "{OPERATORS}:{operator}"
-max_inflight = 4
-[workers.operators.parameters]
-delay = {delay}
-"""
+{worker}"""
+
+
+def write_agent_toml(tmp: Path, **toml: Any) -> Path:
+    """``tmp/agent.toml`` written with ``agent_toml(tmp, **toml)``; its path."""
+    config = tmp / "agent.toml"
+    config.write_text(agent_toml(tmp, **toml))
+    return config
+
+
+def one_line(stderr: str) -> str:
+    """The one human line of a failed start (the JSON log lines aside); no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("{")]
+    assert len(lines) == 1, lines
+    return lines[0]
 
 
 class AgentProcess:

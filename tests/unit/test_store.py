@@ -59,7 +59,7 @@ def test_on_free_sees_each_buffer_once_when_its_last_reference_goes() -> None:
     store = TensorStore(1000, default_lease=10, on_free=freed.append)
     first = store.put("a", 100, now=0)
     second = store.reference(first, now=0)
-    other = store.put("b", 100, now=0, lease=1)
+    _other = store.put("b", 100, now=0, lease=1)
     store.release(first)
     assert freed == []
     store.release(second)

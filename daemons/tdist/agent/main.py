@@ -45,6 +45,7 @@ from tdist.cli_common import (  # noqa: E402
     epilog,
     nats_overrides,
     quiet_pipe,
+    subcommand_default,
 )
 from tdist.errors import ConfigError, TdistError  # noqa: E402
 
@@ -67,10 +68,9 @@ Every problem is one line on stderr, FILE:KEY: REASON; exit 0 when there is none
 def _add_run_arguments(p: argparse.ArgumentParser, *, suppress: bool) -> None:
     """``run``'s flags; on the main parser too (``tdist-agent --config FILE``). The subcommand's copy
     has SUPPRESS defaults so that it keeps what the main parser read."""
-    none = argparse.SUPPRESS if suppress else None
-    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS if suppress else DEFAULT_CONFIG,
+    p.add_argument("--config", metavar="FILE", **subcommand_default(suppress, DEFAULT_CONFIG),
                    help=f"the agent's TOML file (default {DEFAULT_CONFIG})")
-    p.add_argument("--http-port", type=int, metavar="PORT", default=none,
+    p.add_argument("--http-port", type=int, metavar="PORT", **subcommand_default(suppress),
                    help="replaces [http] port (0: a free one)")
     add_nats_arguments(p.add_argument_group(
         "NATS (replace the file's [nats] servers and credentials; the embedded server listens on the "

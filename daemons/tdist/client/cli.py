@@ -57,6 +57,7 @@ from tdist.cli_common import (
     epilog,
     nats_overrides,
     quiet_pipe,
+    subcommand_default,
     write_output,
 )
 from tdist.client import Client
@@ -118,7 +119,7 @@ class Settings:
 
 
 def _connection_arguments(p: argparse.ArgumentParser, *, suppress: bool) -> None:
-    none: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    none = subcommand_default(suppress)
     conn = p.add_argument_group("connection")
     add_nats_arguments(conn, suppress=suppress)
     conn.add_argument("--password", **none, help="NATS password: visible to every local user in the process "
@@ -129,12 +130,12 @@ def _connection_arguments(p: argparse.ArgumentParser, *, suppress: bool) -> None
     conn.add_argument("--tls-cert", metavar="FILE", **none)
     conn.add_argument("--tls-key", metavar="FILE", **none)
     conn.add_argument("--namespace", **none, help=f"tdist namespace (default {RequestPlaneConfig().namespace})")
-    p.add_argument("--json", action="store_true", **({"default": argparse.SUPPRESS} if suppress else {}),
+    p.add_argument("--json", action="store_true", **subcommand_default(suppress, False),
                    help="end with one JSON line (ls: print JSON only)")
 
 
 def _run_arguments(p: argparse.ArgumentParser, *, suppress: bool) -> None:
-    none: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    none = subcommand_default(suppress)
     run = p.add_argument_group("benchmark (the run command, the default)")
     d = RUN_DEFAULTS
     run.add_argument("--operator", **none, help=f"operator to call (default {d['operator']}; encoder and decoder "
@@ -153,7 +154,7 @@ def _run_arguments(p: argparse.ArgumentParser, *, suppress: bool) -> None:
                      help=f"request parameter delay, seconds per output element (default {d['delay']:g})")
     run.add_argument("--timeout", type=float, **none, help=f"seconds per request (default {d['timeout']:g})")
     run.add_argument("--seed", type=int, **none, help="seed of the inputs (default: random, printed)")
-    run.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS if suppress else None,
+    run.add_argument("--no-progress", action="store_true", **none,
                      help="no progress bar")
 
 
