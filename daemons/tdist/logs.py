@@ -73,7 +73,8 @@ def configure(level: str = "info", *, stream: IO[str] | None = None, file: str |
 
     ``static`` keys (component, node, worker) are added to every event.
     """
-    numeric = _LEVELS[level.lower()]
+    global _level
+    numeric = _level = _LEVELS[level.lower()]
     if file:
         base: logging.Handler = logging.handlers.RotatingFileHandler(
             file, maxBytes=max(0, rotate_bytes), backupCount=max(0, backups), encoding="utf-8")
@@ -109,6 +110,16 @@ def configure(level: str = "info", *, stream: IO[str] | None = None, file: str |
     for name in _QUIET:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
     logging.captureWarnings(True)
+
+
+_level = logging.INFO
+"""The level ``configure`` set (structlog's own default until then)."""
+
+
+def enabled(level: int) -> bool:
+    """Whether events at ``level`` (``logging.INFO``...) are written: lets a hot path skip
+    building an event that would be dropped."""
+    return level >= _level
 
 
 def get_logger(name: str) -> Any:

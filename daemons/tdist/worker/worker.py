@@ -26,6 +26,7 @@ Faults it holds against:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -52,6 +53,7 @@ from tdist.errors import (
     TdistError,
 )
 from tdist import metrics
+from tdist import logs
 from tdist.logs import get_logger
 from tdist.operators import Operator, Request, load_operator_class
 from tdist.operators.builtin import Ping
@@ -748,7 +750,7 @@ class Worker:
         run = time.monotonic() - held.started if held.started else 0.0
         if held.started:
             runner.metrics.run.observe(run)
-        if self.request_log and runner is not self._ping:
+        if self.request_log and runner is not self._ping and logs.enabled(logging.INFO):
             queue = held.queue_seconds
             log.info("request", worker=self.id, attempt=held.attempt, outcome=outcome,
                      queue_ms=None if queue is None else round(queue * 1e3, 3), run_ms=round(run * 1e3, 3),
