@@ -8,6 +8,13 @@ alternate raw and tdist so drift on a shared machine hits both alike; the
 medians over rounds are reported. Targets (README, Performance): throughput ratio >= 0.5,
 p50 ratio <= 1.8.
 
+Also measured, not a target: the **JetStream floor**, the least any request plane on a
+JetStream work queue costs from Python: a hand-written nats-py echo with tdist's message
+flow and nothing else (publish with a message id into a work-queue stream of the same
+storage, PubAck to the caller's inbox, one durable pull consumer asked in batches, the
+response to the caller's inbox, then the ack). ``floor_*`` ratios are against raw too; tdist's
+distance to the floor is what its own code costs.
+
     python benchmarks/request_plane.py [--json] [--rounds 3]
 """
 
@@ -19,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import nats
 import numpy as np
@@ -46,6 +54,82 @@ asyncio.run(main())
 """
 
 
+FLOOR_STREAM = "BENCHFLOOR"
+FLOOR_SUBJECT = "benchfloor.echo"
+FLOOR_RESPONDER = """
+import asyncio, json, sys, nats
+async def main():
+    nc = await nats.connect(sys.argv[1], pending_size=64 << 20)
+    inbox, next_subject = nc.new_inbox(), "$JS.API.CONSUMER.MSG.NEXT.%s.echo" % sys.argv[2]
+    free = 0
+    async def ask(n):
+        body = json.dumps({"batch": n, "expires": 30_000_000_000}).encode()
+        await nc.publish(next_subject, body, reply=inbox)
+    async def on_msg(msg):
+        nonlocal free
+        if not msg.reply:  # a pull status (408, 409, 100): no request
+            return
+        reply_to, _, body = msg.data.partition(b"|")
+        await nc.publish(reply_to.decode(), body)
+        await nc.publish(msg.reply, b"+ACK")
+        free += 1
+        if free >= 16:
+            n, free = free, 0
+            await ask(n)
+    await nc.subscribe(inbox, cb=on_msg)
+    await ask(64)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await nc.drain()
+asyncio.run(main())
+"""
+
+
+async def deploy_floor(url: str, storage: str) -> None:
+    """The floor's work-queue stream and its one durable pull consumer (tdist's shapes)."""
+    from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(
+            name=FLOOR_STREAM, subjects=[FLOOR_SUBJECT], retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE if storage == "file" else StorageType.MEMORY))
+        await js.add_consumer(FLOOR_STREAM, ConsumerConfig(durable_name="echo", ack_policy=AckPolicy.EXPLICIT,
+                                                           max_ack_pending=100_000, ack_wait=30))
+    finally:
+        await nc.close()
+
+
+class FloorCaller:
+    """The caller side of the floor: publish with a message id, PubAck and response on one inbox."""
+
+    def __init__(self, nc: Any) -> None:
+        self.nc = nc
+        self.inbox = nc.new_inbox()
+        self.waiting: dict[str, asyncio.Future[bytes]] = {}
+        self.count = 0
+
+    async def start(self) -> None:
+        async def on_inbox(msg: Any) -> None:
+            _, kind, request_id = msg.subject.rsplit(".", 2)
+            if kind == "r":
+                fut = self.waiting.pop(request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.data)
+        await self.nc.subscribe(f"{self.inbox}.>", cb=on_inbox)
+
+    async def call(self, payload: bytes) -> bytes:
+        self.count += 1
+        request_id = str(self.count)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.waiting[request_id] = fut
+        await self.nc.publish(FLOOR_SUBJECT, f"{self.inbox}.r.{request_id}|".encode() + payload,
+                              reply=f"{self.inbox}.a.{request_id}", headers={"Nats-Msg-Id": request_id})
+        return await asyncio.wait_for(fut, 10)
+
+
 def start_raw_responder(url: str) -> subprocess.Popen[str]:
     proc = common.start_helper(RAW_RESPONDER, url, RAW_SUBJECT)
     common.wait_line(proc, "ready", "raw responder")
@@ -67,8 +151,11 @@ async def measure(url: str, namespace: str, storage: str, rounds: int, n_serial:
                   ) -> dict[str, list[float]]:
     payload = os.urandom(PAYLOAD)
     tensor = np.frombuffer(payload, dtype=np.uint8)
-    results: dict[str, list[float]] = {"raw_p50": [], "tdist_p50": [], "raw_rps": [], "tdist_rps": []}
+    results: dict[str, list[float]] = {k: [] for k in (
+        "raw_p50", "tdist_p50", "floor_p50", "raw_rps", "tdist_rps", "floor_rps")}
     nc = await nats.connect(url, pending_size=64 << 20)
+    floor = FloorCaller(nc)
+    await floor.start()
     rp = RequestPlaneConfig(namespace=namespace, storage=storage)  # type: ignore[arg-type]
     async with Client(NatsConfig(servers=(url,)), request_plane=rp) as client:
         await client.wait_for_workers("echo", timeout=30)
@@ -82,15 +169,21 @@ async def measure(url: str, namespace: str, storage: str, rounds: int, n_serial:
             resp = await op.infer({"x": tensor}, timeout=10)
             assert resp.outputs["x"].nbytes == PAYLOAD
 
+        async def via_floor() -> None:
+            assert len(await floor.call(payload)) == PAYLOAD
+
         warmup = min(200, n_serial)
         for r in range(rounds):
             results["raw_p50"].append(await common.serial(raw, n_serial, warmup))
             results["tdist_p50"].append(await common.serial(via_tdist, n_serial, warmup))
+            results["floor_p50"].append(await common.serial(via_floor, n_serial, warmup))
             results["raw_rps"].append(await common.parallel(lambda _: raw(), n_parallel, 64))
             results["tdist_rps"].append(await common.parallel(lambda _: via_tdist(), n_parallel, 64))
-            print(f"round {r + 1}: raw p50 {results['raw_p50'][-1] * 1e6:.0f} us, tdist p50 "
-                  f"{results['tdist_p50'][-1] * 1e6:.0f} us, raw {results['raw_rps'][-1]:.0f} req/s, "
-                  f"tdist {results['tdist_rps'][-1]:.0f} req/s", file=sys.stderr)
+            results["floor_rps"].append(await common.parallel(lambda _: via_floor(), n_parallel, 64))
+            print(f"round {r + 1}: p50 raw {results['raw_p50'][-1] * 1e6:.0f} us, tdist "
+                  f"{results['tdist_p50'][-1] * 1e6:.0f} us, floor {results['floor_p50'][-1] * 1e6:.0f} us; "
+                  f"req/s raw {results['raw_rps'][-1]:.0f}, tdist {results['tdist_rps'][-1]:.0f}, "
+                  f"floor {results['floor_rps'][-1]:.0f}", file=sys.stderr)
     await nc.drain()
     return results
 
@@ -108,6 +201,10 @@ def main() -> int:
             common.Children() as procs:
         procs.add(start_raw_responder(server.url), 30)
         procs.add(start_tdist_worker(server.url, "bench", f"{tmp}/worker.log", args.storage), 30)
+        asyncio.run(deploy_floor(server.url, args.storage))
+        floor_responder = common.start_helper(FLOOR_RESPONDER, server.url, FLOOR_STREAM)
+        procs.add(floor_responder, 30)
+        common.wait_line(floor_responder, "ready", "floor responder")
         res = asyncio.run(measure(server.url, "bench", args.storage, args.rounds, args.serial, args.parallel))
     med = {k: common.median(v) for k, v in res.items()}
     summary = {
@@ -122,12 +219,19 @@ def main() -> int:
         "tdist_rps_64": round(med["tdist_rps"], 1),
         "p50_ratio_1": round(med["tdist_p50"] / med["raw_p50"], 3),
         "throughput_ratio_64": round(med["tdist_rps"] / med["raw_rps"], 3),
+        "floor_p50_us": round(med["floor_p50"] * 1e6, 1),
+        "floor_rps_64": round(med["floor_rps"], 1),
+        "floor_p50_ratio_1": round(med["floor_p50"] / med["raw_p50"], 3),
+        "floor_throughput_ratio_64": round(med["floor_rps"] / med["raw_rps"], 3),
     }
-    print(f"{'':22}{'raw nats-py':>14}{'tdist':>14}{'ratio':>10}{'target':>10}")
+    print(f"{'':22}{'raw nats-py':>14}{'tdist':>14}{'ratio':>10}{'target':>10}{'floor':>14}{'ratio':>8}")
     print(f"{'p50, 1 in flight':22}{summary['raw_p50_us']:>11.0f} us{summary['tdist_p50_us']:>11.0f} us"
-          f"{summary['p50_ratio_1']:>10.2f}{'<= 1.8':>10}")
+          f"{summary['p50_ratio_1']:>10.2f}{'<= 1.8':>10}{summary['floor_p50_us']:>11.0f} us"
+          f"{summary['floor_p50_ratio_1']:>8.2f}")
     print(f"{'req/s, 64 in flight':22}{summary['raw_rps_64']:>14.0f}{summary['tdist_rps_64']:>14.0f}"
-          f"{summary['throughput_ratio_64']:>10.2f}{'>= 0.5':>10}")
+          f"{summary['throughput_ratio_64']:>10.2f}{'>= 0.5':>10}{summary['floor_rps_64']:>14.0f}"
+          f"{summary['floor_throughput_ratio_64']:>8.2f}")
+    print("  floor: the same JetStream message flow hand-written on nats-py (see the docstring), not a target")
     common.emit_json(summary, args.json)
     return 0
 
