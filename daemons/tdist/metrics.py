@@ -48,7 +48,10 @@ ABANDONED = Counter(
 DATA_PLANE_BYTES = Counter(
     "tdist_data_plane_bytes", "Tensor bytes moved by the data plane, pulled by or served by this node's "
     "processes.", ["direction"])
-DATA_PLANE_PULLS = Counter("tdist_data_plane_pulls", "Tensors pulled from their owners.")
+DATA_PLANE_PULLS = Counter(
+    "tdist_data_plane_pulls", "Tensors pulled from their owners, by path: shm (read from the owner's "
+    "shared-memory segment on this host), ipc (CUDA IPC), ucx (UCX: another host, or the segment not readable).",
+    ["path"])
 STORE_BYTES = Gauge(
     "tdist_data_plane_store_bytes", "Bytes of tensors held for consumers (sampled every second).",
     multiprocess_mode="livesum")

@@ -7,7 +7,8 @@ something is missing the test is skipped, with the reason.
 Inside the container (commands run through ``nsenter -t <container PID 1> -a``): create the
 ``tdist`` user, install tdist into /opt/tdist/venv from the wheelhouse, install the unit file as it
 is in the repository and an agent.toml with two CPU workers of ``tdist.operators.builtin:Echo``,
-then ``systemctl start`` (ready, two workers registered, requests served), ``systemctl reload``
+then ``systemctl start`` (ready, two workers registered, requests served, tensors above the inline
+threshold read by the workers from a same-host client's shared memory), ``systemctl reload``
 with three workers (the two running ones keep their PIDs), and ``systemctl stop`` with requests
 in flight (every one answered, ``Result=success``, exit status 0, nothing left in the unit).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -213,6 +215,16 @@ def test_agent_unit_start_reload_stop(container: AgentHost) -> None:
     assert "10 of 10 echoed the input" in served.stdout, served.stdout
     metrics = c.http("/metrics")[1]
     assert 'tdist_agent_workers{state="RUNNING"} 2' in metrics and "tdist_agent_ready 1" in metrics, metrics
+
+    # Same-host tensors under the unit's sandboxing: a client running as the unit's user sends
+    # inputs above the inline threshold (160 KB); the worker reads each from the client's
+    # shared-memory segment (/dev/shm stays shared and writable under ProtectSystem=strict).
+    big = c.exec(["runuser", "-u", "tdist", "--", f"{VENV}/bin/tdist-client", "--nats-url", "nats://127.0.0.1:4222",
+                  "--namespace", NAMESPACE, "--operator", "echo", "--requests", "4", "--concurrency", "2",
+                  "--input-size-mean", "20000", "--no-progress"], timeout=120)
+    assert "answered: 4  errors: 0" in big.stdout and "4 of 4 echoed the input" in big.stdout, big.stdout
+    shm_pulls = re.search(r'^tdist_data_plane_pulls_total\{path="shm"\} (\S+)$', c.http("/metrics")[1], re.M)
+    assert shm_pulls is not None and float(shm_pulls.group(1)) >= 4, c.http("/metrics")[1]
 
     # reload: one more worker; the two running ones are left alone; the agent itself is not restarted
     (c.root / "etc/tdist/agent.toml").write_text(agent_toml(3))

@@ -284,7 +284,7 @@ class DataPlane:
         self.pulls[path] += 1
         self.bytes_pulled += ref.nbytes
         metrics.DATA_PLANE_BYTES.labels("pulled").inc(ref.nbytes)
-        metrics.DATA_PLANE_PULLS.inc()
+        metrics.DATA_PLANE_PULLS.labels(path).inc()
         return self._typed(out, ref)
 
     def _check_owner(self, ref: TensorRef) -> None:
