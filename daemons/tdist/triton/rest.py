@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+import orjson
 
 _MAX_HEAD = 64 << 10
 _STAGE = 64 << 10
@@ -206,7 +207,7 @@ def encode_infer(inputs: Sequence[InputTensor], outputs: Sequence[RequestedOutpu
             tensor_params = f'{{"binary_data_size":{len(data) if isinstance(data, bytes) else data.nbytes}}}'
         ins.append(f'{{"name":{_json_str(t.name)},"shape":[{shape}],"datatype":"{t.datatype}",'
                    f'"parameters":{tensor_params}}}')
-    head = f'{{"id":{json.dumps(request_id)},"inputs":[' if request_id else '{"inputs":['
+    head = f'{{"id":{orjson.dumps(request_id).decode()},"inputs":[' if request_id else '{"inputs":['
     text = [head, ",".join(ins), "]"]
     if outputs is None:
         params["binary_data_output"] = True
@@ -217,7 +218,7 @@ def encode_infer(inputs: Sequence[InputTensor], outputs: Sequence[RequestedOutpu
             outs.append(f'{{"name":{_json_str(o.name)},"parameters":{out_params}}}')
         text += [',"outputs":[', ",".join(outs), "]"]
     if params:
-        text += [',"parameters":', json.dumps(params)]
+        text += [',"parameters":', orjson.dumps(params).decode()]
     text.append("}")
     return "".join(text).encode(), parts
 
@@ -228,7 +229,7 @@ def decode_infer(body: bytearray | bytes, header_length: int | None) -> InferRes
     if end > len(body):
         raise RestError("500", f"inference header length {end} is past the body's {len(body)} bytes")
     try:
-        meta = json.loads(body[:end])
+        meta = orjson.loads(memoryview(body)[:end])
     except ValueError as exc:
         raise RestError("500", f"the inference response header is not JSON: {exc}") from None
     offset = end
@@ -253,7 +254,9 @@ def decode_infer(body: bytearray | bytes, header_length: int | None) -> InferRes
                     raise RestError("500", f"output '{name}' has datatype {datatype}, which numpy lacks")
                 if count * dtype.itemsize != size:
                     raise RestError("500", f"output '{name}' has {size} bytes for shape {shape} of {datatype}")
-                array = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)
+                array = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+                if len(shape) != 1:
+                    array = array.reshape(shape)
             offset += size
         elif "data" in o:
             dtype = numpy_dtype(datatype)
