@@ -79,9 +79,9 @@ DIRECTED_HELD_MAX = 16
 HELD_CAP = 2
 """Messages an operator may hold (waiting for a slot or running), in units of its max_inflight."""
 NAK_DELAY_NS = 1_000_000_000
+"""A message delivered beyond an operator's slots is handed back with this redelivery delay."""
 METRICS_EVERY = 5
 """Per-request metrics are added to the shared values every this many deadline sweeps (and on idle)."""
-"""A message delivered beyond an operator's slots is handed back with this redelivery delay."""
 
 
 @dataclass(eq=False, slots=True)
