@@ -131,8 +131,8 @@ class _Pending:
 class _Deadlines:
     """Wakes the waiters of requests whose deadline passed, with one loop timer for them all.
 
-    A per-wait ``call_later`` and its cancel cost about 3 us of the caller's CPU per request
-    (in the event loop's timer heap, where cancelled timers linger). Here a request's deadline
+    A per-wait ``call_later`` and its cancel cost 1.7 us measured alone (more in a busy loop,
+    whose timer heap keeps cancelled timers until they come due); a push here 0.2 us. A request's deadline
     goes into a heap once; the timer is armed for the earliest one and re-armed when it fires
     or an earlier deadline comes (rare: deadlines mostly grow). Finished requests stay in the
     heap until their deadline (lazy deletion) unless the heap grows past twice the requests
