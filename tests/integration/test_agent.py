@@ -14,6 +14,7 @@ import pytest
 
 from tdist.agent.processes import marked_pids
 from tdist.client import Client
+from tdist.process import alive
 from tests.support.agent import AgentProcess, agent_toml, cleanup
 
 pytestmark = pytest.mark.timeout(300)
@@ -63,6 +64,10 @@ async def test_agent_end_to_end(tmp_path: Path, nats_server, namespace: str, cli
         # A worker killed with SIGKILL: its entry goes at once, supervisord restarts it, it registers again.
         victim = next(iter(ws.values()))
         os.kill(victim.pid, signal.SIGKILL)
+        # /ready turns 503 as soon as the worker is dead (checked when asked, not at the agent's next tick).
+        while alive(victim.pid):
+            await asyncio.sleep(0.01)
+        assert agent.get("/ready")[0] == 503
         for _ in range(100):
             now = await workers_of(client)
             if victim.id not in now or now[victim.id].pid != victim.pid:

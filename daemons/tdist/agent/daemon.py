@@ -81,6 +81,7 @@ from tdist.agent.processes import (
     AgentStartError,
     PidFile,
     StateLock,
+    alive,
     die_with_parent,
     marker_env,
     stop_leftovers,
@@ -699,10 +700,12 @@ class Agent:
         return self.services_up() and bool(self.programs) and all(self.worker_up(p) for p in self.programs)
 
     def worker_up(self, program: Program) -> bool:
-        """RUNNING, registered by that very process, and not found unhealthy by the canary."""
+        """RUNNING, registered by that very process, not found unhealthy by the canary, and (checked
+        now, not at the last tick) still alive: a killed worker turns /ready to 503 at once."""
         entry = self.status.entries.get(program.worker_id)
-        return (self.status.states.get(program.name) == "RUNNING" and entry is not None
-                and entry.pid == self.status.pids.get(program.name) and program.name not in self.status.unhealthy)
+        pid = self.status.pids.get(program.name)
+        return (self.status.states.get(program.name) == "RUNNING" and entry is not None and bool(pid)
+                and entry.pid == pid and program.name not in self.status.unhealthy and alive(pid))
 
     def uptime(self) -> float:
         return time.time() - self.started_at
