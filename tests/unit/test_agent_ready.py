@@ -1,8 +1,10 @@
-"""/ready: every desired worker RUNNING under supervisord *and* present in the registry."""
+"""/ready: every desired worker RUNNING under supervisord, present in the registry *and* alive."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from pathlib import Path
 
 from tdist.agent.daemon import Agent
@@ -23,18 +25,26 @@ def test_ready_only_after_registration() -> None:
     agent.services_up = lambda: True  # type: ignore[method-assign]  # supervisord and NATS up
     agent.status.states = {p.name: "RUNNING" for p in agent.programs}
     assert not agent.ready()  # running, but not registered
-    agent.status.pids = {p.name: 100 + i for i, p in enumerate(agent.programs)}
-    agent.status.entries = {p.worker_id: entry(p.worker_id, 100 + i) for i, p in enumerate(agent.programs[:-1])}
+    live = os.getpid()  # a process that runs: this one (the pid is checked when /ready is asked)
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    agent.status.pids = {p.name: live for p in agent.programs}
+    agent.status.entries = {p.worker_id: entry(p.worker_id, live) for p in agent.programs[:-1]}
     assert not agent.ready()  # one still missing from the registry
     last = agent.programs[-1]
-    agent.status.entries[last.worker_id] = entry(last.worker_id, 999)
+    agent.status.entries[last.worker_id] = entry(last.worker_id, exited.pid)
     assert not agent.ready()  # its entry is an older process's (it was restarted)
-    agent.status.entries[last.worker_id] = entry(last.worker_id, 100 + len(agent.programs) - 1)
+    agent.status.entries[last.worker_id] = entry(last.worker_id, live)
     assert agent.ready()
     assert "tdist_agent_ready 1.0" in asyncio.run(agent.metrics()).decode()
-    agent.status.unhealthy[last.name] = 100 + len(agent.programs) - 1
+    agent.status.unhealthy[last.name] = live
     assert not agent.ready()  # it fails the canary
     del agent.status.unhealthy[last.name]
+    agent.status.pids[last.name] = exited.pid
+    agent.status.entries[last.worker_id] = entry(last.worker_id, exited.pid)
+    assert not agent.ready()  # registered by that very process, which has died since the last tick
+    agent.status.pids[last.name] = live
+    agent.status.entries[last.worker_id] = entry(last.worker_id, live)
     agent.services_up = lambda: False  # type: ignore[method-assign]
     assert not agent.ready()  # supervisord died, or NATS is gone
     agent.services_up = lambda: True  # type: ignore[method-assign]
