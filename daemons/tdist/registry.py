@@ -28,7 +28,7 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from tdist import names
@@ -165,8 +165,20 @@ class Registry:
         """Write (or refresh) an entry; it expires ``info.ttl`` seconds after this call."""
         await put_with_ttl(self.js, names.workers_bucket(self.namespace), info.id, info.to_json(), info.ttl)
 
-    async def delete(self, worker_id: str) -> None:
-        await self.kv.delete(worker_id)
+    async def delete(self, worker_id: str, *, revision: int | None = None) -> bool:
+        """Remove an entry. With ``revision`` (a watch's ``revisions``), only if it is still that
+        write: a process that registered since (a restarted worker, same id) keeps its entry.
+        Returns False when the entry was written again meanwhile."""
+        if revision is None:
+            await self.kv.delete(worker_id)
+            return True
+        try:
+            await self.kv.delete(worker_id, last=revision)
+        except BadRequestError as exc:  # 10071: the subject's last sequence is another (nats-py does not map it here)
+            if isinstance(exc, KeyWrongLastSequenceError) or getattr(exc, "err_code", None) in (10071, 10164):
+                return False
+            raise
+        return True
 
     async def list_workers(self) -> dict[str, WorkerInfo]:
         async with self.watch() as watch:
@@ -194,6 +206,8 @@ class RegistryWatch:
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
         self.workers: dict[str, WorkerInfo] = {}
+        self.revisions: dict[str, int] = {}
+        """The KV revision of each entry in ``workers`` (for ``Registry.delete(revision=...)``)."""
         self._watcher: Any = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -212,13 +226,14 @@ class RegistryWatch:
         self.active = True
         watcher = await self._registry.kv.watchall(inactive_threshold=WATCH_IDLE)
         snapshot: dict[str, WorkerInfo] = {}
+        revisions: dict[str, int] = {}
         while True:
             entry = await watcher.updates(timeout=10.0)
             if entry is None:
                 break
-            self._apply(snapshot, entry)
+            self._apply(snapshot, revisions, entry)
         self._watcher = watcher
-        self.workers = snapshot
+        self.workers, self.revisions = snapshot, revisions
         self._signal()
         self._task = asyncio.get_running_loop().create_task(self._follow(watcher))
 
@@ -227,7 +242,7 @@ class RegistryWatch:
             async for entry in watcher:
                 if entry is None:
                     continue
-                self._apply(self.workers, entry)
+                self._apply(self.workers, self.revisions, entry)
                 self._signal()
         except asyncio.CancelledError:
             raise
@@ -235,12 +250,14 @@ class RegistryWatch:
             log.warning("registry_watch_failed", error=str(exc))
 
     @staticmethod
-    def _apply(view: dict[str, WorkerInfo], entry: Any) -> None:
+    def _apply(view: dict[str, WorkerInfo], revisions: dict[str, int], entry: Any) -> None:
         if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
             view.pop(entry.key, None)
+            revisions.pop(entry.key, None)
             return
         try:
             view[entry.key] = WorkerInfo.from_json(entry.value)
+            revisions[entry.key] = int(entry.revision or 0)
         except (ValueError, TypeError) as exc:
             log.warning("bad_registry_entry", key=entry.key, error=str(exc))
 

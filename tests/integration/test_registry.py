@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tdist.client import Client
 from tdist.config import NatsConfig, RequestPlaneConfig
 from tdist.nats_server import EmbeddedNatsServer
+from tdist.registry import WorkerInfo
 from tests.conftest import operator
 from tests.support.tcp_proxy import TcpProxy
 
@@ -32,3 +35,23 @@ async def test_watch_resyncs_after_reconnect(nats_server: EmbeddedNatsServer, de
             assert leaves.id not in await client.workers()
     finally:
         await proxy.close()
+
+
+async def test_a_revision_delete_spares_an_entry_written_since(nats_config: NatsConfig, deployed: RequestPlaneConfig
+                                                               ) -> None:
+    """The agent removes a dead worker's entry by its revision: if the restarted process (same
+    worker id) registered meanwhile, its entry stays; the dead one's own entry goes."""
+    async with Client(nats_config, request_plane=deployed) as client:
+        registry = await client.registry()
+        async with registry.watch() as watch:
+            old = WorkerInfo(id="w-rev", name="w", node="n", pid=111, state="serving", operators=(), started_at=0.0)
+            await registry.put(old)
+            await watch.wait_for(lambda ws: "w-rev" in ws, timeout=10)
+            stale = watch.revisions["w-rev"]
+            await registry.put(dataclasses.replace(old, pid=222))  # the restarted process registers
+            await watch.wait_for(lambda ws: ws.get("w-rev") is not None and ws["w-rev"].pid == 222, timeout=10)
+            assert await registry.delete("w-rev", revision=stale) is False
+            assert (await client.workers())["w-rev"].pid == 222
+            assert await registry.delete("w-rev", revision=watch.revisions["w-rev"]) is True
+            await watch.wait_for(lambda ws: "w-rev" not in ws, timeout=10)
+            assert "w-rev" not in await client.workers()

@@ -522,8 +522,10 @@ class Agent:
             entry = entries.get(program.worker_id)
             if entry is not None and entry.pid != now:
                 # The entry of a process that is gone: remove it now, not after its TTL. The new
-                # process (same worker id) registers itself when it serves.
-                await self._workers_kv_delete(program.worker_id)
+                # process (same worker id) registers itself when it serves; the delete is of that
+                # very write, so an entry the new process made since (not yet in our watch) stays.
+                revision = self.watch.revisions.get(program.worker_id) if self.watch is not None else None
+                await self._workers_kv_delete(program.worker_id, revision=revision)
                 entries.pop(program.worker_id)
             elif entry is not None and now:
                 self.status.registered_pid[program.name] = now
@@ -580,9 +582,9 @@ class Agent:
         await put_with_ttl(self.nc.jetstream(), names.nodes_bucket(ns), self.config.node.name,
                            json.dumps(node).encode(), NODE_TTL)
 
-    async def _workers_kv_delete(self, worker_id: str) -> None:
+    async def _workers_kv_delete(self, worker_id: str, *, revision: int | None = None) -> None:
         assert self.client is not None
-        await (await self.client.registry()).delete(worker_id)
+        await (await self.client.registry()).delete(worker_id, revision=revision)
 
     async def _supervisord_died(self) -> None:
         """supervisord is gone: make sure its workers are gone too, then start it again (or give up)."""
