@@ -18,6 +18,7 @@ from tdist.data_plane.descriptor import TensorRef
 from tdist.data_plane.plane import DataPlane
 from tdist.errors import PeerUnreachable
 from tests.conftest import WorkerProcesses, operator_flag
+from tests.support.children import stop_by_stdin
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -107,9 +108,4 @@ async def test_a_timed_out_pull_does_not_fail_a_healthy_pull_beside_it() -> None
     finally:
         if plane is not None:
             await plane.close()
-        if owner.poll() is None:
-            try:
-                owner.communicate("quit\n", timeout=30)
-            except subprocess.TimeoutExpired:
-                owner.kill()
-                owner.wait(10)
+        stop_by_stdin(owner)

@@ -31,6 +31,7 @@ from tdist.data_plane.plane import DataPlane, gpu_available
 from tdist.errors import DataPlaneError
 from tests.conftest import WorkerProcesses, operator_flag
 from tests.support.agent import AgentProcess, agent_toml, cleanup
+from tests.support.children import stop_by_stdin
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -67,14 +68,7 @@ def owner_process(nbytes: int, count: int = 1, *, shared_memory: bool = True, ne
         assert line, f"the owner exited with {proc.wait(30)}"
         yield proc, json.loads(line)
     finally:
-        if proc.poll() is None:
-            try:
-                proc.communicate("quit\n", timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(30)
-        else:
-            proc.wait(30)
+        stop_by_stdin(proc)
         shm.sweep_dead()  # what a killed owner left (the agent's job in a deployment)
 
 
