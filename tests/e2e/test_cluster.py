@@ -501,13 +501,13 @@ async def _nats_checks(c: Cluster) -> dict[str, Any]:
     # The agents' user (their workers use it too): its namespace yes, another one no.
     nc, errors = await as_user(f"{NAMESPACE}-agent")
     try:
+        # After a flush (PING/PONG) every -ERR for what was sent before it has been handled:
+        # the server sends it before the PONG, and nats-py awaits the error callback as it reads it.
         await nc.publish(f"tdist.{NAMESPACE}.cancel.probe", b"")
         await nc.flush()
-        await asyncio.sleep(0.5)
         seen["agent_inside"] = list(errors)
         await nc.publish("tdist.other.req.echo.1", b"{}")
         await nc.flush()
-        await asyncio.sleep(0.5)
         seen["agent_outside"] = list(errors)
         errors.clear()
         try:
@@ -516,7 +516,7 @@ async def _nats_checks(c: Cluster) -> dict[str, Any]:
             seen["agent_create_other"] = "created"
         except NatsTimeout:
             seen["agent_create_other"] = "no answer"
-        await asyncio.sleep(0.5)
+        await nc.flush()
         seen["agent_create_other_errors"] = list(errors)
     finally:
         await nc.close()
@@ -526,7 +526,6 @@ async def _nats_checks(c: Cluster) -> dict[str, Any]:
     try:
         await nc.subscribe(f"tdist.{NAMESPACE}.req.>")
         await nc.flush()
-        await asyncio.sleep(0.5)
         seen["client_subscribe_requests"] = list(errors)
     finally:
         await nc.close()
@@ -560,6 +559,11 @@ class LoadLoop:
             proc = self.c.client(*self.args, nodes=("node1", "node2"), timeout=300)
             self.results.append((proc.returncode, proc.stdout, proc.stderr))
 
+    def wait_for_run_after_now(self) -> None:
+        """Until one whole client run started after this call has finished (the cluster serves on)."""
+        finished = len(self.results)
+        wait_for("a client run after the change", lambda: (len(self.results) >= finished + 2, len(self.results)), 400)
+
     def __enter__(self) -> LoadLoop:
         self.thread.start()
         return self
@@ -584,7 +588,7 @@ def test_config_change_rolled_under_load_loses_nothing(deployed: Cluster) -> Non
         # A rolling change: one agent at a time (each waits for /ready), so that echo keeps workers.
         with timed("config-only site.yml under load"):
             out, recap = c.playbook("-e", "tdist_agent_serial=1", name="config-change")
-        time.sleep(3)
+        load.wait_for_run_after_now()
     print(_recap(out), flush=True)
     assert all(r["changed"] >= 1 for r in recap.values()), recap
     assert "RUNNING HANDLER [nats_server : Reload nats-server]" in out, _changed_tasks(out)
@@ -607,7 +611,7 @@ def test_rolling_restart_under_load_loses_nothing(deployed: Cluster) -> None:
         wait_for("the load to start", lambda: (len(load.results) >= 1, len(load.results)), 120)
         with timed("rolling nats-server restart under load"):
             out, recap = c.playbook("-e", "nats_server_restart=true", name="restart", playbook="nats.yml")
-        time.sleep(3)
+        load.wait_for_run_after_now()
     print(_recap(out), flush=True)
     # serial: 1: a member restarts and is healthy again before the next one restarts.
     names = [m[1] for m in re.finditer(r"RUNNING HANDLER \[nats_server : (.*?)\]", out)]

@@ -55,9 +55,13 @@ async def test_messages_reach_the_handler_in_order_and_a_failing_handler_is_cont
         assert reply.data
 
         await sub.unsubscribe()
+        # A message after the unsubscribe, then one on another subject: the server delivers in
+        # order, so once the second has arrived the first would have too.
+        sentinel: list[bytes] = []
+        await subscribe_inline(nc, "inline.sentinel", lambda msg: sentinel.append(msg.data))
         await nc.publish("inline.test", b"after")
-        await nc.flush()
-        await asyncio.sleep(0.2)
+        await nc.publish("inline.sentinel", b"done")
+        await _wait_for(lambda: sentinel == [b"done"], "the sentinel")
         assert seen[-1] == b"499"
     finally:
         await nc.close()
