@@ -501,13 +501,13 @@ async def _nats_checks(c: Cluster) -> dict[str, Any]:
     # The agents' user (their workers use it too): its namespace yes, another one no.
     nc, errors = await as_user(f"{NAMESPACE}-agent")
     try:
-        # After a flush (PING/PONG) every -ERR for what was sent before it has been handled:
-        # the server sends it before the PONG, and nats-py awaits the error callback as it reads it.
+        # No error expected: after a flush (PING/PONG) the server has handled the publish.
         await nc.publish(f"tdist.{NAMESPACE}.cancel.probe", b"")
         await nc.flush()
         seen["agent_inside"] = list(errors)
         await nc.publish("tdist.other.req.echo.1", b"{}")
         await nc.flush()
+        await _until_error(errors)
         seen["agent_outside"] = list(errors)
         errors.clear()
         try:
@@ -516,7 +516,7 @@ async def _nats_checks(c: Cluster) -> dict[str, Any]:
             seen["agent_create_other"] = "created"
         except NatsTimeout:
             seen["agent_create_other"] = "no answer"
-        await nc.flush()
+        await _until_error(errors)
         seen["agent_create_other_errors"] = list(errors)
     finally:
         await nc.close()
@@ -526,10 +526,19 @@ async def _nats_checks(c: Cluster) -> dict[str, Any]:
     try:
         await nc.subscribe(f"tdist.{NAMESPACE}.req.>")
         await nc.flush()
+        await _until_error(errors)
         seen["client_subscribe_requests"] = list(errors)
     finally:
         await nc.close()
     return seen
+
+
+async def _until_error(errors: list[str], timeout: float = 10.0) -> None:
+    """Until the connection's error callback has reported something (a refusal is expected; the
+    server's -ERR for a subscription can come after the PONG of a flush), at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not errors and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 def test_credentials_enforced(deployed: Cluster) -> None:
