@@ -20,6 +20,7 @@ from urllib.parse import unquote
 from tdist.errors import ConfigError
 from tdist.logs import get_logger
 from tdist.names import check_name
+from tdist.request_plane.protocol import MAX_BATCH
 
 
 RESERVED_PREFIX = "_"
@@ -158,9 +159,15 @@ class RequestPlaneConfig:
     max_msgs: int = 1_000_000
     max_bytes: int = 256 << 20
     default_timeout: float = 60.0
+    max_batch: int = 64
+    """Requests a caller submits to one operator in one pass of its event loop go out as one stream
+    message (a batch) of at most this many (1: one message per request). A request submitted while
+    its caller has nothing else in flight goes out at once: one at a time pays no wait."""
 
     def __post_init__(self) -> None:
         check_name("request_plane.namespace", self.namespace)
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise ConfigError(f"must be 1 to {MAX_BATCH}", key="request_plane.max_batch")
         if self.ack_wait < 0.5:
             raise ConfigError("must be at least 0.5 seconds", key="request_plane.ack_wait")
         if self.max_deliver < 1:
@@ -405,6 +412,7 @@ def parse_request_plane(t: _Table) -> RequestPlaneConfig:
         max_msgs=t.get("max_msgs", int),
         max_bytes=t.get("max_bytes", int),
         default_timeout=_num(t.get("default_timeout", (int, float))),
+        max_batch=t.get("max_batch", int),
     )
 
 

@@ -335,6 +335,8 @@ def test_nats_needs_a_server_and_tls_pairs() -> None:
         ({"max_bytes": 0}, "request_plane.max_bytes"),
         ({"max_age": 0}, "request_plane.max_age"),
         ({"default_timeout": -1}, "request_plane.default_timeout"),
+        ({"max_batch": 0}, "request_plane.max_batch"),
+        ({"max_batch": 100_000}, "request_plane.max_batch"),
     ],
 )
 def test_request_plane_validation(kwargs: dict[str, object], key: str) -> None:

@@ -14,11 +14,15 @@ from tdist.request_plane.protocol import (
     ErrorInfo,
     RequestMessage,
     ResponseMessage,
+    MAX_BATCH,
     decode_request,
     decode_response,
+    encode_batch,
     encode_request,
     encode_response,
+    is_batch,
     peek_reply,
+    split_batch,
 )
 
 REPLY = "_INBOX.abc.7"
@@ -346,3 +350,60 @@ def test_from_exception_on_tdist_error_keeps_code_and_makes_details_json() -> No
     # The converted details survive the JSON header.
     back = decode_response(encode_response(ResponseMessage(request_id="r", kind="error", error=info)))
     assert back.error == info
+
+
+# --- batches ------------------------------------------------------------------
+
+
+def _requests(n: int) -> list[bytes]:
+    return [encode_request(RequestMessage(f"r{i}", f"t{i}", "echo", 1, 10.0, f"{REPLY}.{i}",
+                                          inputs={"x": np.arange(i)})) for i in range(n)]
+
+
+def test_batch_round_trip_keeps_members_in_order() -> None:
+    frames = _requests(5)
+    data = encode_batch(frames)
+    assert is_batch(data) and not is_batch(frames[0])
+    assert split_batch(data) == frames
+    assert [decode_request(f).id for f in split_batch(data)] == [f"r{i}" for i in range(5)]
+
+
+def test_batch_frame_layout_byte_for_byte() -> None:
+    assert encode_batch([b"ab", b"c"]) == (b"TD\x01B\x00\x00" + struct.pack("<I", 2) + struct.pack("<I", 2) + b"ab"
+                                           + struct.pack("<I", 1) + b"c")
+
+
+def test_a_bad_member_is_left_to_its_own_decode() -> None:
+    frames = [_requests(1)[0], b"not a request"]
+    members = split_batch(encode_batch(frames))
+    assert decode_request(members[0]).id == "r0"
+    with pytest.raises(InvalidRequest):
+        decode_request(members[1])
+
+
+def _batch(count: int, *members: bytes, tail: bytes = b"") -> bytes:
+    return (b"TD\x01B\x00\x00" + struct.pack("<I", count)
+            + b"".join(struct.pack("<I", len(m)) + m for m in members) + tail)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"TD\x01B\x00\x00\x01", "truncated before its count"),
+        (_batch(0), "0 members"),
+        (_batch(MAX_BATCH + 1), f"{MAX_BATCH + 1} members"),
+        (_batch(2, b"abc"), "truncated before member 1"),
+        (_batch(1, b"abc")[:-1], "member 0 runs past the end"),
+        (_batch(1, b"abc", tail=b"x"), "1 unexpected trailing bytes"),
+        (b"TD\x01B\x02\x00ab" + struct.pack("<I", 1), "reply inbox"),
+        (b"TD\x02B\x00\x00" + struct.pack("<I", 1), "bad magic, version"),
+    ],
+)
+def test_malformed_batch_names_what_is_wrong(data: bytes, reason: str) -> None:
+    with pytest.raises(InvalidRequest, match=reason):
+        split_batch(data)
+
+
+def test_a_batch_is_not_a_request() -> None:
+    with pytest.raises(InvalidRequest):
+        decode_request(encode_batch(_requests(2)))

@@ -6,6 +6,18 @@ inbox as the reply subject of the publish, so the stream's acknowledgement
 same inbox subscription as the responses: one round trip less than awaiting the
 PubAck. Responses come back over core NATS to ``<inbox>.r.<request id>``.
 
+Requests submitted to one operator in one pass of the event loop share one stream message
+(a *batch*, ``[request_plane] max_batch``), published when the pass ends; a request submitted
+while the caller has nothing else in flight goes out at once on its own (one at a time pays
+no wait). A stream message costs the server a store, a PubAck,
+a delivery and an ack whatever it carries (measured: 22 of the 34 us of server CPU per
+request at 64 in flight), so a batch pays them once. A worker takes from a batch as many
+requests as it has free slots and hands the rest back to the queue as a new message before
+it acknowledges (load-aware pulls hold), and tells the caller the new message's sequence on
+``<inbox>.s.<old sequence>``; the batch is acknowledged once all it took is answered. A
+cancelled member is not deleted from the stream (its batch mates are there too): the workers'
+cancel subscription stops it.
+
 The caller also listens to the server's max-deliveries advisories: when every
 delivery of a request ended without a final response (its workers died), the
 matching caller gets ``MaxDeliveriesExceeded`` instead of waiting for its deadline.
@@ -120,12 +132,28 @@ class _Pending:
     final_seen: bool = False
     answered: bool = False
     """A worker answered (final or error): the worker released the inputs."""
+    batch: _Batch | None = None
+    """The batch it was published in (None: published on its own)."""
 
     def push(self, item: protocol.ResponseMessage | TdistError) -> None:
         self.items.append(item)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    """Requests of one loop pass to one subject, published as one stream message."""
+
+    id: str
+    """Its message id (``Nats-Msg-Id``) and the last token of its PubAck subject."""
+    subject: str
+    members: list[_Pending]
+    """The requests still tracked (a member leaves when forgotten or re-sent on its own)."""
+    data: bytes = b""
+    published_at: float = 0.0
+    stream_seq: int | None = None
 
 
 class _Deadlines:
@@ -279,7 +307,12 @@ class Caller:
         self._subs: list[Subscription] = []
         self._stream = names.stream_name(rp.namespace)
         self._unacked: dict[str, _Pending] = {}
-        """Requests published and not yet stored (no PubAck)."""
+        """Requests published on their own and not yet stored (no PubAck)."""
+        self._batches: dict[str, _Batch] = {}
+        self._unacked_batches: dict[str, _Batch] = {}
+        self._gathering: dict[str, list[_Pending]] = {}
+        """Requests of this loop pass waiting to go out together, by subject."""
+        self._flush_scheduled = False
         self._suspect: dict[str, _Pending] = {}
         """Requests that were in flight across a reconnect: their final may have been lost."""
         self._upkeep: asyncio.Task[None] | None = None
@@ -289,6 +322,8 @@ class Caller:
         """Publishes repeated for want of a PubAck (stored once: same message id)."""
         self.resent = 0
         """Requests re-sent under a new message id after their final was lost in a reconnect."""
+        self.batches = 0
+        """Batches published (each one stream message for several requests)."""
 
     async def start(self) -> Caller:
         self._subs.append(await subscribe_inline(self.nc, f"{self._inbox}.>", self._on_inbox))
@@ -318,6 +353,9 @@ class Caller:
             pending.push(RequestPlaneUnavailable("caller closed", request_id=pending.request_id))
         self._unacked.clear()
         self._suspect.clear()
+        self._gathering.clear()
+        self._batches.clear()
+        self._unacked_batches.clear()
 
     @property
     def max_payload(self) -> int:
@@ -400,6 +438,18 @@ class Caller:
             else names.request_subject(self.rp.namespace, operator, version)
         )
         pending = _Pending(request_id, operator, deadline, subject, data, refs)
+        if target_worker is None and self.rp.max_batch > 1:
+            gathered = self._gathering.get(subject)
+            if gathered is not None or self._pending:  # others in flight: out with this pass's others
+                if gathered is None:
+                    gathered = self._gathering[subject] = []
+                    if not self._flush_scheduled:
+                        self._flush_scheduled = True
+                        asyncio.get_running_loop().call_soon(self._flush_gathered)
+                gathered.append(pending)
+                self._pending[request_id] = pending
+                self._deadlines.add(pending)
+                return ResponseStream(self, pending, deadline)
         self._pending[request_id] = pending
         self._deadlines.add(pending)
         try:
@@ -408,6 +458,67 @@ class Caller:
             self._forget(request_id)
             raise RequestPlaneUnavailable(f"cannot publish request: {exc}", operator=operator) from exc
         return ResponseStream(self, pending, deadline)
+
+    def _flush_gathered(self) -> None:
+        """At the end of a loop pass: publish what was gathered, in batches within the limits."""
+        self._flush_scheduled = False
+        gathering, self._gathering = self._gathering, {}
+        room = self.max_payload - protocol.BATCH_OVERHEAD
+        for subject, gathered in gathering.items():
+            chunk: list[_Pending] = []
+            size = 0
+            for pending in gathered:
+                if pending.done or pending.request_id not in self._pending:
+                    continue  # left or cancelled meanwhile
+                cost = len(pending.data) + 4
+                if chunk and (len(chunk) >= self.rp.max_batch or size + cost > room):
+                    self._spawn(self._publish_gathered(subject, chunk))
+                    chunk, size = [], 0
+                chunk.append(pending)
+                size += cost
+            if chunk:
+                self._spawn(self._publish_gathered(subject, chunk))
+
+    async def _publish_gathered(self, subject: str, chunk: list[_Pending]) -> None:
+        try:
+            if len(chunk) == 1:
+                await self._publish(chunk[0], chunk[0].request_id)
+                return
+            batch = _Batch(new_id(), subject, chunk, protocol.encode_batch([p.data for p in chunk]))
+            for pending in chunk:
+                pending.batch = batch
+            self._batches[batch.id] = batch
+            self.batches += 1
+            await self._publish_batch(batch)
+        except Exception as exc:
+            for pending in chunk:
+                pending.push(RequestPlaneUnavailable(f"cannot publish request: {exc}",
+                                                     request_id=pending.request_id, operator=pending.operator))
+
+    async def _publish_batch(self, batch: _Batch) -> None:
+        """Publish (or publish again) one batch; its PubAck comes to ``<inbox>.a.<batch id>``."""
+        batch.published_at = time.monotonic()
+        self._unacked_batches[batch.id] = batch
+        await self.nc.publish(batch.subject, batch.data, reply=f"{self._inbox}.a.{batch.id}",
+                              headers={"Nats-Msg-Id": batch.id})
+
+    def _leave_batch(self, pending: _Pending) -> None:
+        """Take a request out of its batch; the batch is forgotten with its last member."""
+        batch, pending.batch = pending.batch, None
+        if batch is None:
+            return
+        if pending in batch.members:
+            batch.members.remove(pending)
+        if not batch.members:
+            self._batches.pop(batch.id, None)
+            self._unacked_batches.pop(batch.id, None)
+            if batch.stream_seq is not None:
+                self._by_seq.pop(batch.stream_seq, None)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _publish(self, pending: _Pending, msg_id: str) -> None:
         """Publish (or publish again) one request; its PubAck comes to ``<inbox>.a.<id>``."""
@@ -430,6 +541,9 @@ class Caller:
             else:
                 pending.gone_since = 0.0
                 self._suspect[pending.request_id] = pending
+        for batch in list(self._unacked_batches.values()):
+            self.republished += 1
+            await self._publish_batch(batch)
 
     async def _run_upkeep(self) -> None:
         while True:
@@ -456,6 +570,11 @@ class Caller:
                 log.info("request_republished", request_id=pending.request_id)
                 await self._publish(pending, pending.request_id if not pending.resends
                                     else f"{pending.request_id}.{pending.resends}")
+        for batch in list(self._unacked_batches.values()):
+            if now - batch.published_at >= PUBACK_TIMEOUT:
+                self.republished += 1
+                log.info("batch_republished", batch=batch.id, requests=len(batch.members))
+                await self._publish_batch(batch)
         for pending in list(self._suspect.values()):
             await self._check_suspect(pending, now)
 
@@ -465,7 +584,7 @@ class Caller:
             self._suspect.pop(pending.request_id, None)
             return
         if pending.request_id in self._unacked or pending.stream_seq is None:
-            return  # published again, waiting for its PubAck
+            return  # published (again), waiting for its PubAck
         if not pending.gone_since:
             try:
                 await self.js.get_msg(self._stream, pending.stream_seq)
@@ -478,7 +597,9 @@ class Caller:
         self._suspect.pop(pending.request_id, None)
         pending.resends += 1
         self.resent += 1
-        if pending.stream_seq is not None:
+        if pending.batch is not None:  # its batch mates keep the batch's sequence
+            self._leave_batch(pending)
+        elif pending.stream_seq is not None:
             self._by_seq.pop(pending.stream_seq, None)
         pending.stream_seq = None
         log.info("request_resent", request_id=pending.request_id, resends=pending.resends)
@@ -487,9 +608,7 @@ class Caller:
     def _release_later(self, refs: list[TensorRef]) -> None:
         if not refs or self.data_plane is None or self.data_plane.plane is None:
             return
-        task = asyncio.get_running_loop().create_task(self.data_plane.plane.release_quietly(refs))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self.data_plane.plane.release_quietly(refs))
 
     async def cancel(self, request_id: str) -> None:
         """Tell workers to stop the request and drop it from the queue if it waits there."""
@@ -501,8 +620,8 @@ class Caller:
             await self.nc.publish(names.cancel_subject(self.rp.namespace, request_id), b"")
         except Exception:
             return
-        if pending.stream_seq is not None:
-            asyncio.get_running_loop().create_task(self._delete_queued(pending.stream_seq))
+        if pending.stream_seq is not None and pending.batch is None:  # a batch's message holds others too
+            self._spawn(self._delete_queued(pending.stream_seq))
 
     async def _delete_queued(self, seq: int) -> None:
         try:
@@ -516,7 +635,9 @@ class Caller:
             return
         self._unacked.pop(request_id, None)
         self._suspect.pop(request_id, None)
-        if pending.stream_seq is not None:
+        if pending.batch is not None:
+            self._leave_batch(pending)
+        elif pending.stream_seq is not None:
             self._by_seq.pop(pending.stream_seq, None)
         if not pending.answered:  # no worker ran it (expired, cancelled, refused): free its inputs now
             self._release_later(pending.refs)
@@ -528,10 +649,21 @@ class Caller:
             return
         _, kind, request_id = parts
         pending = self._pending.get(request_id)
-        if pending is None:
-            return
         if kind == "a":
-            self._on_pub_ack(pending, msg)
+            if pending is not None:
+                if self._unacked.pop(request_id, None) is not None or pending.stream_seq is None:
+                    self._on_pub_ack(msg, request_id, [pending], pending, self._unacked)
+                # else: the PubAck of a publish repeated meanwhile: the first one counted
+            else:
+                batch = self._batches.get(request_id)
+                if batch is not None and (self._unacked_batches.pop(request_id, None) is not None
+                                          or batch.stream_seq is None):
+                    self._on_pub_ack(msg, request_id, batch.members, batch, self._unacked_batches)
+            return
+        if kind == "s":
+            self._on_split(request_id, msg)
+            return
+        if pending is None:
             return
         try:
             resp = protocol.decode_response(msg.data)
@@ -549,10 +681,37 @@ class Caller:
             self._suspect.pop(request_id, None)
         pending.push(resp)
 
-    def _on_pub_ack(self, pending: _Pending, msg: Msg) -> None:
+    def _on_split(self, old_seq: str, msg: Msg) -> None:
+        """A worker handed part of our batch (stream message ``old_seq``) back to the queue as a
+        new message: those requests now live at its sequence (for the max-deliveries advisory)."""
+        try:
+            notice = json.loads(msg.data)
+            seq, ids = int(notice["seq"]), set(notice["ids"])
+            batch = self._batches.get(self._by_seq.get(int(old_seq), ""))
+        except (ValueError, KeyError, TypeError):
+            return
+        if batch is None:
+            return
+        moved = [p for p in batch.members if p.request_id in ids]
+        if not moved:
+            return
+        rest = _Batch(f"{batch.id}.{seq}", batch.subject, moved, stream_seq=seq)
+        for pending in moved:
+            batch.members.remove(pending)
+            pending.batch, pending.stream_seq = rest, seq
+        self._batches[rest.id] = rest
+        self._by_seq[seq] = rest.id
+        if not batch.members:
+            self._batches.pop(batch.id, None)
+            self._unacked_batches.pop(batch.id, None)
+            self._by_seq.pop(int(old_seq), None)
+
+    def _on_pub_ack(self, msg: Msg, key: str, members: list[_Pending], owner: _Pending | _Batch,
+                    unacked: dict[str, Any]) -> None:
+        """The stream's answer to one publish (of a request, or of a batch: ``owner``), already
+        taken out of ``unacked``: note the stream sequence, or fail or retry its requests."""
         data = msg.data
-        if self._unacked.pop(pending.request_id, None) is None and pending.stream_seq is not None:
-            return  # the PubAck of a publish repeated meanwhile: the first one counted
+        seq: int | None = None
         if data.startswith(b'{"stream":') and b'"error"' not in data:  # the common case, without json
             pos = data.rfind(b'"seq":')
             end = data.find(b",", pos)
@@ -560,35 +719,35 @@ class Caller:
                 seq = int(data[pos + 6 : end if end > 0 else data.rfind(b"}")])
             except ValueError:
                 seq = None
-            if seq is not None:
-                pending.stream_seq = seq
-                self._by_seq[seq] = pending.request_id
+        if seq is None:
+            headers = msg.headers or {}
+            if headers.get("Status") == "503":
+                # No responder: the stream is missing, or JetStream is electing a leader (a restart,
+                # a lost node). Publish again later unless the stream is known to be missing.
+                unacked[key] = owner
+                self._spawn(self._fail_if_no_stream(key, members, unacked))
                 return
-        headers = msg.headers or {}
-        if headers.get("Status") == "503":
-            # No responder: the stream is missing, or JetStream is electing a leader (a restart,
-            # a lost node). Publish again later unless the stream is known to be missing.
-            self._unacked[pending.request_id] = pending
-            task = asyncio.get_running_loop().create_task(self._fail_if_no_stream(pending))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            return
-        try:
-            ack = json.loads(msg.data)
-        except ValueError:
-            return
-        err = ack.get("error")
-        if err:
-            desc = str(err.get("description", err))
-            cls = RequestPlaneFull if "maximum" in desc or "limit" in desc or "full" in desc else RequestPlaneUnavailable
-            pending.push(cls(f"the request stream refused the request: {desc}", request_id=pending.request_id))
-            return
-        seq = ack.get("seq")
-        if isinstance(seq, int):
+            try:
+                ack = json.loads(msg.data)
+            except ValueError:
+                return
+            err = ack.get("error")
+            if err:
+                desc = str(err.get("description", err))
+                full = "maximum" in desc or "limit" in desc or "full" in desc
+                cls = RequestPlaneFull if full else RequestPlaneUnavailable
+                for pending in members:
+                    pending.push(cls(f"the request stream refused the request: {desc}", request_id=pending.request_id))
+                return
+            seq = ack.get("seq")
+            if not isinstance(seq, int):
+                return
+        owner.stream_seq = seq
+        for pending in members:
             pending.stream_seq = seq
-            self._by_seq[seq] = pending.request_id
+        self._by_seq[seq] = key
 
-    async def _fail_if_no_stream(self, pending: _Pending) -> None:
+    async def _fail_if_no_stream(self, key: str, members: list[_Pending], unacked: dict[str, Any]) -> None:
         try:
             await self.js.stream_info(self._stream)
             return
@@ -596,10 +755,11 @@ class Caller:
             pass
         except Exception:  # JetStream not answering yet: keep retrying within the deadline
             return
-        self._unacked.pop(pending.request_id, None)
-        pending.push(RequestPlaneUnavailable(
-            f"no stream takes this request: namespace {self.rp.namespace} is not deployed "
-            f"(stream {self._stream} missing)", request_id=pending.request_id, namespace=self.rp.namespace))
+        unacked.pop(key, None)
+        for pending in members:
+            pending.push(RequestPlaneUnavailable(
+                f"no stream takes this request: namespace {self.rp.namespace} is not deployed "
+                f"(stream {self._stream} missing)", request_id=pending.request_id, namespace=self.rp.namespace))
 
     async def _on_advisory(self, msg: Msg) -> None:
         try:
@@ -607,18 +767,21 @@ class Caller:
             seq = int(adv["stream_seq"])
         except (ValueError, KeyError, TypeError):
             return
-        request_id = self._by_seq.get(seq)
-        if request_id is None:
+        key = self._by_seq.get(seq)
+        if key is None:
             return
-        pending = self._pending.get(request_id)
-        if pending is None:
+        pending = self._pending.get(key)
+        batch = self._batches.get(key) if pending is None else None
+        members = [pending] if pending is not None else list(batch.members) if batch is not None else []
+        if not members:
             return
-        pending.push(
-            MaxDeliveriesExceeded(
-                f"request was delivered {adv.get('deliveries')} times and no worker finished it",
-                request_id=request_id,
-                operator=pending.operator,
-                deliveries=adv.get("deliveries"),
+        for pending in members:
+            pending.push(
+                MaxDeliveriesExceeded(
+                    f"request was delivered {adv.get('deliveries')} times and no worker finished it",
+                    request_id=pending.request_id,
+                    operator=pending.operator,
+                    deliveries=adv.get("deliveries"),
+                )
             )
-        )
         await self._delete_queued(seq)

@@ -4,6 +4,11 @@ Every message is one frame::
 
     b"TD" | version:u8 | kind:u8 | reply_len:u16 | reply | header_len:u32 | header | tensor bytes
 
+A *batch* carries several request frames of one caller to one operator in one stream message
+(one store, PubAck, delivery and ack for them all)::
+
+    b"TD" | version:u8 | kind=b"B" | 0:u16 | count:u32 | (frame_len:u32 | request frame) * count
+
 All integers are little-endian. ``reply`` is the caller's inbox subject (empty
 in responses); it comes before the JSON header so that a worker can still send
 an error response when the header is malformed. ``header`` is compact UTF-8 JSON (orjson: the header is on the hot path); its
@@ -32,6 +37,12 @@ MAGIC = b"TD"
 VERSION = 1
 KIND_REQUEST = ord("Q")
 KIND_RESPONSE = ord("R")
+KIND_BATCH = ord("B")
+MAX_BATCH = 1024
+"""Most request frames a worker accepts in one batch."""
+_COUNT = struct.Struct("<I")
+BATCH_OVERHEAD = 8 + 4
+"""Bytes of a batch frame besides its members' frames (each member adds 4 more)."""
 _PREFIX = struct.Struct("<2sBBH")
 _HEADER_LEN = struct.Struct("<I")
 
@@ -257,6 +268,48 @@ def _decode_request(data: bytes) -> RequestMessage:
     if not reply:
         raise InvalidRequest("request has no reply inbox", request_id=msg.id)
     return msg
+
+
+def encode_batch(frames: list[bytes]) -> bytes:
+    """Several encoded requests (``encode_request``) in one frame, in order."""
+    parts: list[bytes] = [_PREFIX.pack(MAGIC, VERSION, KIND_BATCH, 0), _COUNT.pack(len(frames))]
+    for frame in frames:
+        parts.append(_COUNT.pack(len(frame)))
+        parts.append(frame)
+    return b"".join(parts)
+
+
+def is_batch(data: bytes) -> bool:
+    """Whether ``data`` is a batch frame (its members still to be checked by ``split_batch``)."""
+    return len(data) >= 4 and data[3] == KIND_BATCH and data[:2] == MAGIC
+
+
+def split_batch(data: bytes) -> list[bytes]:
+    """The member frames of a batch, or ``InvalidRequest`` naming what is wrong with it. The
+    members themselves are not decoded here: a bad member is that request's own error."""
+    if len(data) < _PREFIX.size + _COUNT.size:
+        raise InvalidRequest("batch is truncated before its count")
+    magic, version, kind, reply_len = _PREFIX.unpack_from(data, 0)
+    if magic != MAGIC or version != VERSION or kind != KIND_BATCH or reply_len:
+        raise InvalidRequest("not a tdist batch (bad magic, version, kind or a reply inbox)")
+    (count,) = _COUNT.unpack_from(data, _PREFIX.size)
+    if not 1 <= count <= MAX_BATCH:
+        raise InvalidRequest(f"batch has {count} members, allowed 1 to {MAX_BATCH}")
+    frames: list[bytes] = []
+    offset = _PREFIX.size + _COUNT.size
+    view = memoryview(data)
+    for index in range(count):
+        if offset + _COUNT.size > len(data):
+            raise InvalidRequest(f"batch is truncated before member {index}")
+        (size,) = _COUNT.unpack_from(data, offset)
+        offset += _COUNT.size
+        if offset + size > len(data):
+            raise InvalidRequest(f"batch member {index} runs past the end of the message")
+        frames.append(bytes(view[offset : offset + size]))
+        offset += size
+    if offset != len(data):
+        raise InvalidRequest(f"{len(data) - offset} unexpected trailing bytes after the batch's members")
+    return frames
 
 
 def encode_response(msg: ResponseMessage) -> bytes:

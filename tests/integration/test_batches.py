@@ -1,0 +1,140 @@
+"""Batches: requests of one loop pass share one stream message; a worker takes only what its slots
+allow and hands the rest back; every request is still answered once. Against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import struct
+from typing import Any
+
+import nats
+import numpy as np
+import pytest
+
+from tdist import names
+from tdist.client import Client
+from tdist.config import RequestPlaneConfig
+from tdist.errors import Cancelled
+from tdist.nats_server import EmbeddedNatsServer
+from tdist.request_plane import protocol
+from tests.conftest import operator
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def stream_state(client: Client) -> Any:
+    return (await client.caller.js.stream_info(names.stream_name(client.request_plane.namespace))).state
+
+
+async def until_stream_empty(client: Client) -> Any:
+    for _ in range(400):
+        state = await stream_state(client)
+        if state.messages == 0:
+            return state
+        await asyncio.sleep(0.05)
+    return await stream_state(client)
+
+
+async def test_requests_of_one_pass_share_stream_messages_and_each_is_answered_once(client: Client, workers) -> None:
+    worker = await workers("w", operator("count", "Counting", max_inflight=64))
+    op = client.operator("count")
+    await op.infer({"i": np.array([-1])}, timeout=30)
+    before = (await stream_state(client)).last_seq
+
+    results = await asyncio.gather(*(op.infer({"i": np.array([i])}, timeout=60) for i in range(300)))
+
+    assert [int(r.outputs["i"][0]) for r in results] == list(range(300))
+    stored = (await stream_state(client)).last_seq - before
+    assert client.caller.batches >= 1
+    assert stored < 300  # fewer stream messages than requests: the server stored batches
+    executed = collections.Counter(worker.runners[("count", 1)].instance.executed)
+    assert len(executed) == 301 and set(executed.values()) == {1}
+    assert (await until_stream_empty(client)).messages == 0
+    assert client.caller.pending_count == 0
+
+
+async def test_a_batch_beyond_the_free_slots_is_handed_back_and_served_elsewhere(client: Client, workers) -> None:
+    started = [await workers(f"w{i}", operator("slow", "Counting", max_inflight=1, delay=0.3)) for i in range(2)]
+    op = client.operator("slow")
+    assert await client.caller.operator_exists("slow", 1)  # known: the six submits need not wait, one pass
+
+    results = await asyncio.gather(*(op.infer({"i": np.array([i])}, timeout=60) for i in range(6)))
+
+    assert [int(r.outputs["i"][0]) for r in results] == list(range(6))
+    assert client.caller.batches >= 1
+    assert sum(w.batches_split for w in started) >= 1
+    served_by = collections.Counter(r.worker_id for r in results)
+    assert set(served_by) == {w.id for w in started}, served_by  # load-aware: both workers served
+    executed = collections.Counter()
+    for w in started:
+        counting = w.runners[("slow", 1)].instance
+        assert counting.peak == 1  # never more than max_inflight at once
+        executed.update(counting.executed)
+    assert len(executed) == 6 and set(executed.values()) == {1}
+    assert (await until_stream_empty(client)).messages == 0
+
+
+async def test_a_cancelled_member_does_not_run_and_its_batch_mates_do(client: Client, workers) -> None:
+    worker = await workers("w", operator("slow", "Counting", max_inflight=1, delay=0.3))
+    op = client.operator("slow")
+    assert await client.caller.operator_exists("slow", 1)
+    streams = [await op.call({"i": np.array([i])}, timeout=60) for i in range(3)]  # one pass: 1 alone, 2 batched
+    await asyncio.sleep(0)  # the pass ends: the batch goes out
+    await streams[2].cancel()
+    with pytest.raises(Cancelled):
+        await streams[2].final()
+    finals = [await s.final() for s in streams[:2]]
+
+    assert [f.outputs["i"].tolist() for f in finals] == [[0], [1]]
+    assert client.caller.batches == 1
+    counting = worker.runners[("slow", 1)].instance
+    assert streams[2].request_id not in counting.executed
+    assert (await until_stream_empty(client)).messages == 0
+
+
+async def test_a_malformed_batch_is_dropped_and_a_bad_member_gets_its_own_error(
+    nats_server: EmbeddedNatsServer, rp: RequestPlaneConfig, client: Client, workers
+) -> None:
+    await workers("w", operator("count", "Counting", max_inflight=4))
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        inbox = nc.new_inbox()
+        responses: dict[str, list[protocol.ResponseMessage]] = collections.defaultdict(list)
+        both = asyncio.Event()
+
+        async def on_response(msg: Any) -> None:
+            responses[msg.subject.rsplit(".", 1)[-1]].append(protocol.decode_response(msg.data))
+            if {"good", "bad"} <= set(responses):
+                both.set()
+
+        await nc.subscribe(f"{inbox}.>", cb=on_response)
+        subject = names.request_subject(rp.namespace, "count", 1)
+        good = protocol.encode_request(protocol.RequestMessage(
+            "good", "good", "count", 1, 4e9, f"{inbox}.r.good", inputs={"i": np.array([7])}))
+        head = json.dumps({"id": "bad", "trace": "bad", "op": "count", "ver": 1, "deadline": "soon"}).encode()
+        bad = (b"TD\x01Q" + struct.pack("<H", len(f"{inbox}.r.bad")) + f"{inbox}.r.bad".encode()
+               + struct.pack("<I", len(head)) + head)
+        await js.publish(subject, protocol.encode_batch([good, bad]))
+        await js.publish(subject, b"TD\x01B\x00\x00" + struct.pack("<I", 3) + b"\x01")  # truncated: nobody to answer
+        await asyncio.wait_for(both.wait(), 30)
+
+        [ok] = responses["good"]
+        assert ok.kind == "final" and ok.outputs["i"].tolist() == [7]
+        [err] = responses["bad"]
+        assert err.kind == "error" and err.error is not None and err.error.code == "INVALID_REQUEST"
+        assert (await until_stream_empty(client)).messages == 0
+        final = await client.operator("count").infer({"i": np.array([1])}, timeout=30)  # still serving
+        assert final.outputs["i"].tolist() == [1]
+    finally:
+        await nc.close()
+
+
+async def test_one_request_at_a_time_is_never_batched(client: Client, workers) -> None:
+    await workers("w", operator("count", "Counting", max_inflight=4))
+    op = client.operator("count")
+    for i in range(20):
+        await op.infer({"i": np.array([i])}, timeout=30)
+    assert client.caller.batches == 0
