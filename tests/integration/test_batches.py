@@ -65,6 +65,8 @@ async def test_a_batch_beyond_the_free_slots_is_handed_back_and_served_elsewhere
     assert [int(r.outputs["i"][0]) for r in results] == list(range(6))
     assert client.caller.batches >= 1
     assert sum(w.batches_split for w in started) >= 1
+    # The split told the caller the workers' slots: its next batches to them are no larger.
+    assert client.caller._batch_cap(names.request_subject(client.request_plane.namespace, "slow", 1)) == 1
     served_by = collections.Counter(r.worker_id for r in results)
     assert set(served_by) == {w.id for w in started}, served_by  # load-aware: both workers served
     executed = collections.Counter()

@@ -93,6 +93,8 @@ ABANDONED_GRACE = 5.0
 FINAL_GRACE = 1.0
 # Tensor references for a request live at least this long past its deadline.
 LEASE_MARGIN = 30.0
+# Batches to an operator whose worker split one are capped at its slots this long.
+BATCH_CAP_TTL = 60.0
 
 
 class _IdSource:
@@ -313,6 +315,8 @@ class Caller:
         self._gathering: dict[str, list[_Pending]] = {}
         """Requests of this loop pass waiting to go out together, by subject."""
         self._flush_scheduled = False
+        self._batch_caps: dict[str, tuple[int, float]] = {}
+        """Subject -> (most requests per batch, until when): the slots of a worker that split one."""
         self._suspect: dict[str, _Pending] = {}
         """Requests that were in flight across a reconnect: their final may have been lost."""
         self._upkeep: asyncio.Task[None] | None = None
@@ -465,19 +469,31 @@ class Caller:
         gathering, self._gathering = self._gathering, {}
         room = self.max_payload - protocol.BATCH_OVERHEAD
         for subject, gathered in gathering.items():
+            most = self._batch_cap(subject)
             chunk: list[_Pending] = []
             size = 0
             for pending in gathered:
                 if pending.done or pending.request_id not in self._pending:
                     continue  # left or cancelled meanwhile
                 cost = len(pending.data) + 4
-                if chunk and (len(chunk) >= self.rp.max_batch or size + cost > room):
+                if chunk and (len(chunk) >= most or size + cost > room):
                     self._spawn(self._publish_gathered(subject, chunk))
                     chunk, size = [], 0
                 chunk.append(pending)
                 size += cost
             if chunk:
                 self._spawn(self._publish_gathered(subject, chunk))
+
+    def _batch_cap(self, subject: str) -> int:
+        """Batches to an operator are no larger than the slots of its workers, once a split told
+        them (a batch beyond them is split and handed back: a stream message more)."""
+        cap = self._batch_caps.get(subject)
+        if cap is None:
+            return self.rp.max_batch
+        if time.monotonic() > cap[1]:
+            del self._batch_caps[subject]
+            return self.rp.max_batch
+        return cap[0]
 
     async def _publish_gathered(self, subject: str, chunk: list[_Pending]) -> None:
         try:
@@ -683,15 +699,19 @@ class Caller:
 
     def _on_split(self, old_seq: str, msg: Msg) -> None:
         """A worker handed part of our batch (stream message ``old_seq``) back to the queue as a
-        new message: those requests now live at its sequence (for the max-deliveries advisory)."""
+        new message: those requests now live at its sequence (for the max-deliveries advisory), and
+        batches to that operator are kept within the worker's slots for a while."""
         try:
             notice = json.loads(msg.data)
             seq, ids = int(notice["seq"]), set(notice["ids"])
+            slots = int(notice.get("slots", 0))
             batch = self._batches.get(self._by_seq.get(int(old_seq), ""))
         except (ValueError, KeyError, TypeError):
             return
         if batch is None:
             return
+        if slots >= 1:
+            self._batch_caps[batch.subject] = (min(slots, self.rp.max_batch), time.monotonic() + BATCH_CAP_TTL)
         moved = [p for p in batch.members if p.request_id in ids]
         if not moved:
             return

@@ -1,6 +1,7 @@
 """Credit-based pulls from a JetStream consumer.
 
-A worker asks for exactly as many messages as it has free slots. ``outstanding``
+A worker asks for as many messages as it has free slots (divided by the requests a
+message carries on average, when callers send batches). ``outstanding``
 counts messages asked for and not yet delivered: each delivered message takes
 one off; a 408 (request expired) or 409 (request refused) status gives back the
 ``Nats-Pending-Messages`` it names. Delivered messages keep their stream subject,

@@ -164,13 +164,17 @@ class OperatorRunner:
         self.instance = instance
         self.slots = asyncio.Semaphore(config.max_inflight)
         self.held = 0
-        """Messages delivered through the shared consumer and not yet finished."""
+        """Requests delivered through the shared consumer and not yet finished."""
         self.running = 0
         self.served = 0
         self.puller: Puller | None = None
         self.metrics = metrics.OperatorMetrics(config.name, config.version)
         # Top up in batches once a quarter of the slots is free, but never leave none asked for.
         self._min_batch = max(1, config.max_inflight // 4)
+        self.per_message = 1.0
+        """Requests per delivered message, smoothed: batches carry several, and the server is
+        asked for messages, so free slots are divided by this (else every credit beyond the
+        slots brings a batch to hand back)."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -181,11 +185,19 @@ class OperatorRunner:
         if puller is None or self.worker.state is not WorkerState.SERVING:
             return
         outstanding = puller.outstanding
-        want = self.config.max_inflight - self.held - outstanding
-        if want >= self._min_batch or (want > 0 and outstanding == 0):
+        free = self.config.max_inflight - self.held
+        if free <= 0:
+            return
+        per_message = self.per_message
+        want = max(min(2, free), int(free / per_message)) - outstanding
+        if want >= self._min_batch / per_message or (want > 0 and outstanding == 0):
             asking = puller.ask(want)
             if asking is not None:
                 self.worker.spawn(asking)
+
+    def delivered(self, requests: int) -> None:
+        """A message with this many requests came through the shared consumer."""
+        self.per_message += 0.2 * (requests - self.per_message)
 
     def info(self) -> OperatorInfo:
         return OperatorInfo(self.config.name, self.config.version, self.config.max_inflight, self.running)
@@ -538,6 +550,8 @@ class Worker:
         if protocol.is_batch(data):
             self._accept_batch(msg, runner, directed)
             return
+        if not directed and runner.per_message != 1.0:
+            runner.delivered(1)
         self._hold(msg, runner, directed, data, None)
 
     def _hold(self, msg: Msg, runner: OperatorRunner, directed: bool, data: bytes, delivery: _Delivery | None) -> None:
@@ -561,15 +575,17 @@ class Worker:
             log.warning("malformed_request", error=exc.message, subject=msg.subject, can_answer=False)
             self.spawn(self._ack(msg, b"+TERM"))
             return
+        if not directed:
+            runner.delivered(len(frames))
         take = len(frames) if directed else max(1, min(len(frames), runner.config.max_inflight - runner.held))
         rest = frames[take:]
         delivery = _Delivery(msg, take + (1 if rest else 0))
         if rest:
-            self.spawn(self._hand_back_rest(delivery, rest, take))
+            self.spawn(self._hand_back_rest(delivery, rest, take, runner.config.max_inflight))
         for frame in frames[:take]:
             self._hold(msg, runner, directed, frame, delivery)
 
-    async def _hand_back_rest(self, delivery: _Delivery, rest: list[bytes], taken: int) -> None:
+    async def _hand_back_rest(self, delivery: _Delivery, rest: list[bytes], taken: int, slots: int) -> None:
         msg = delivery.msg
         seq = ack_tokens(msg)[1]
         msg_id = f"split-{seq}-{taken}" if seq else f"split-{uuid.uuid4().hex}"
@@ -581,15 +597,16 @@ class Worker:
             self.batches_split += 1
             log.info("batch_split", taken=taken, handed_back=len(rest), stream_seq=seq, new_seq=ack.seq)
             if seq:
-                await self._tell_split(rest, seq, ack.seq)
+                await self._tell_split(rest, seq, ack.seq, slots)
         except Exception as exc:  # the whole batch goes back instead (what ran here is replayed)
             log.warning("batch_hand_back_failed", taken=taken, handed_back=len(rest), error=f"{type(exc).__name__}: {exc}")
             kind = b"-NAK"
         await self._settle_delivery(delivery, kind)
 
-    async def _tell_split(self, rest: list[bytes], old_seq: int, new_seq: int) -> None:
+    async def _tell_split(self, rest: list[bytes], old_seq: int, new_seq: int, slots: int) -> None:
         """Tell the callers of the handed-back requests their new stream sequence (so that a
-        max-deliveries advisory of either message fails only the requests it held)."""
+        max-deliveries advisory of either message fails only the requests it held), and this
+        operator's slots (the most worth putting in one batch)."""
         by_inbox: dict[str, list[str]] = {}
         for frame in rest:
             reply = protocol.peek_reply(frame) or ""
@@ -597,7 +614,7 @@ class Worker:
             if sep and inbox and request_id:
                 by_inbox.setdefault(inbox, []).append(request_id)
         for inbox, ids in by_inbox.items():
-            await self._publish(f"{inbox}.s.{old_seq}", orjson.dumps({"seq": new_seq, "ids": ids}))
+            await self._publish(f"{inbox}.s.{old_seq}", orjson.dumps({"seq": new_seq, "ids": ids, "slots": slots}))
 
     async def _settle(self, held: _Held, kind: bytes | None) -> None:
         """Acknowledge a held request (``kind`` None: a copy of it running here acknowledges):
