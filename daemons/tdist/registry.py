@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
 
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BadRequestError, KeyWrongLastSequenceError, NotFoundError
@@ -44,6 +45,8 @@ LIMIT_MARKER_TTL = 30.0
 BUCKET_MAX_AGE = 3600.0
 # A watch's consumer is removed by the server this long after its subscriber went away.
 WATCH_IDLE = 10.0
+# Tries to open a bucket when JetStream does not answer in time (each waits its API timeout).
+OPEN_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -107,18 +110,25 @@ async def open_bucket(js: JetStreamContext, bucket: str, *, replicas: int = 1, c
 
     With ``create`` (deployers only) a missing bucket is made; an existing one whose
     replicas differ from the configuration is used as it is, and the mismatch logged."""
-    try:
-        kv = await js.key_value(bucket)
-    except NotFoundError:
-        if not create:
-            raise RegistryError(f"registry bucket {bucket} does not exist: is the namespace deployed?",
-                                bucket=bucket) from None
+    for attempt in range(1, OPEN_ATTEMPTS + 1):
         try:
-            return await js.create_key_value(bucket_config(bucket, replicas))
-        except BadRequestError:
-            kv = await js.key_value(bucket)  # created meanwhile by another process
-    except Exception as exc:
-        raise RegistryError(f"cannot open registry bucket {bucket}: {exc}", bucket=bucket) from exc
+            kv = await js.key_value(bucket)
+            break
+        except NotFoundError:
+            if not create:
+                raise RegistryError(f"registry bucket {bucket} does not exist: is the namespace deployed?",
+                                    bucket=bucket, missing=True) from None
+            try:
+                return await js.create_key_value(bucket_config(bucket, replicas))
+            except BadRequestError:
+                kv = await js.key_value(bucket)  # created meanwhile by another process
+                break
+        except NatsTimeoutError as exc:  # JetStream busy (a leader election, a loaded server): try again
+            if attempt == OPEN_ATTEMPTS:
+                raise RegistryError(f"cannot open registry bucket {bucket}: no answer in {attempt} tries",
+                                    bucket=bucket) from exc
+        except Exception as exc:
+            raise RegistryError(f"cannot open registry bucket {bucket}: {exc}", bucket=bucket) from exc
     if create:
         try:
             have = (await js.stream_info(f"KV_{bucket}")).config.num_replicas or 1

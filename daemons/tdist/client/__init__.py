@@ -186,8 +186,10 @@ class Client:
         """The live workers of this namespace, by id."""
         try:
             return await (await self.registry()).list_workers()
-        except RegistryError:  # nothing deployed in this namespace yet
-            return {}
+        except RegistryError as exc:
+            if exc.details.get("missing"):  # nothing deployed in this namespace yet
+                return {}
+            raise
 
     async def wait_for_workers(self, operator: str, count: int = 1, timeout: float = 30.0) -> list[WorkerInfo]:
         """Wait until ``count`` live workers host ``operator``."""
