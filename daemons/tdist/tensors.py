@@ -113,9 +113,14 @@ def from_bytes(buf: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> n
 
 
 def serialize_bytes_tensor(array: np.ndarray) -> bytes:
+    """Triton's BYTES layout, elements in C order. An element is taken as tritonclient takes
+    it: bytes as they are, anything else as the UTF-8 of its ``str`` (5 becomes b"5")."""
     parts: list[bytes] = []
-    for item in np.asarray(array, dtype=object).ravel(order="C"):
-        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+    for item in np.asarray(array).reshape(-1).tolist():
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            data = bytes(item)
+        else:
+            data = (item if isinstance(item, str) else str(item)).encode("utf-8")
         parts.append(_LEN.pack(len(data)))
         parts.append(data)
     return b"".join(parts)

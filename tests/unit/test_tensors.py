@@ -189,3 +189,15 @@ def test_as_array() -> None:
     assert tensors.as_array([1, 2]).tolist() == [1, 2]
     array = np.zeros(3, dtype=np.float32)
     assert tensors.as_array(array) is array
+
+
+def test_bytes_elements_are_taken_as_tritonclient_takes_them() -> None:
+    """One codec for the request plane and the Triton REST client: bytes as they are, anything
+    else as the UTF-8 of its str (an int 5 is b"5", not five zero bytes)."""
+    from tdist.triton import rest
+
+    array = np.array([5, "é", b"\x00b", bytearray(b"c"), 1.5], dtype=object)
+    data = tensors.to_bytes(array, "BYTES")
+    assert tensors.from_bytes(data, "BYTES", (5,)).tolist() == [b"5", "é".encode(), b"\x00b", b"c", b"1.5"]
+    assert rest.serialize_bytes(array) == data
+    assert rest.deserialize_bytes(data, 5).tolist() == tensors.from_bytes(data, "BYTES", (5,)).tolist()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,20 +36,17 @@ from urllib.parse import quote
 import numpy as np
 import orjson
 
+from tdist import tensors
+from tdist.errors import InvalidRequest
+
 _MAX_HEAD = 64 << 10
 _STAGE = 64 << 10
 _RESERVED_PARAMS = frozenset(
     ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers", "binary_data_output"))
 _RESERVED_PREFIX = "triton_"
 
-_TO_TRITON: dict[np.dtype[Any], str] = {
-    np.dtype(t): name for t, name in (
-        (np.bool_, "BOOL"), (np.int8, "INT8"), (np.int16, "INT16"), (np.int32, "INT32"), (np.int64, "INT64"),
-        (np.uint8, "UINT8"), (np.uint16, "UINT16"), (np.uint32, "UINT32"), (np.uint64, "UINT64"),
-        (np.float16, "FP16"), (np.float32, "FP32"), (np.float64, "FP64"), (np.object_, "BYTES"),
-    )
-}
-_FROM_TRITON: dict[str, np.dtype[Any]] = {name: dt for dt, name in _TO_TRITON.items()}
+_FROM_TRITON: dict[str, np.dtype[Any]] = tensors.TRITON_TO_NUMPY
+_TO_TRITON: dict[np.dtype[Any], str] = {dt: name for name, dt in _FROM_TRITON.items()}
 
 
 class RestError(Exception):
@@ -131,29 +127,17 @@ class InferResponse:
     outputs: list[OutputTensor]
 
 
-def serialize_bytes(array: np.ndarray) -> bytes:
-    """Triton's BYTES layout: each element as a 4-byte little-endian length and its bytes, row-major."""
-    parts: list[bytes] = []
-    for item in array.reshape(-1).tolist():
-        b = item if isinstance(item, bytes) else str(item).encode("utf-8")
-        parts.append(struct.pack("<I", len(b)))
-        parts.append(b)
-    return b"".join(parts)
+serialize_bytes = tensors.serialize_bytes_tensor
+"""Triton's BYTES layout (one codec for the request plane and Triton: ``tdist.tensors``)."""
 
 
 def deserialize_bytes(buf: Any, count: int) -> np.ndarray:
-    """The inverse of :func:`serialize_bytes`: ``count`` elements as an object array."""
-    out = np.empty(count, dtype=np.object_)
-    view = memoryview(buf)
-    offset = 0
-    for i in range(count):
-        if offset + 4 > len(view):
-            raise RestError("500", f"BYTES output is truncated at element {i} of {count}")
-        (n,) = struct.unpack_from("<I", view, offset)
-        offset += 4
-        out[i] = bytes(view[offset:offset + n])
-        offset += n
-    return out
+    """The inverse of :func:`serialize_bytes`: ``count`` elements as an object array; a
+    malformed output is the server's fault, so a ``RestError`` 500."""
+    try:
+        return tensors.deserialize_bytes_tensor(buf, (count,), count)
+    except InvalidRequest as exc:
+        raise RestError("500", f"BYTES output: {exc.message}") from None
 
 
 def _payload(tensor: InputTensor) -> Any:
