@@ -47,6 +47,8 @@ BUCKET_MAX_AGE = 3600.0
 WATCH_IDLE = 10.0
 # Tries to open a bucket when JetStream does not answer in time (each waits its API timeout).
 OPEN_ATTEMPTS = 3
+# A snapshot waits this long, after nats-py's end marker, for entries up to the bucket's last revision.
+SNAPSHOT_STRAGGLER_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -231,17 +233,34 @@ class RegistryWatch:
         await self.close()
 
     async def resync(self) -> None:
-        """Start a fresh watcher; replace the view once its snapshot is complete."""
+        """Start a fresh watcher; replace the view once its snapshot is complete.
+
+        nats-py's end-of-snapshot marker is not enough: it comes at once when a consumer info
+        says nothing is pending, and that answer can overtake an entry already on its way (a
+        snapshot of one live worker was then empty: `tdist-client` found no worker right after
+        `tdist-client ls` listed it, in one CI run). So the snapshot also reads up to the
+        bucket's last revision, taken before the watch (bounded: an entry removed by age
+        meanwhile never comes)."""
         await self._stop_watcher()
         self.active = True
+        state = (await self._registry.kv.status()).stream_info.state
+        last = int(state.last_seq or 0) if state.messages else 0
         watcher = await self._registry.kv.watchall(inactive_threshold=WATCH_IDLE)
         snapshot: dict[str, WorkerInfo] = {}
         revisions: dict[str, int] = {}
-        while True:
-            entry = await watcher.updates(timeout=10.0)
+        seen, marked = 0, False
+        while not (marked and seen >= last):
+            try:
+                entry = await watcher.updates(timeout=SNAPSHOT_STRAGGLER_WAIT if marked else 10.0)
+            except NatsTimeoutError:
+                if not marked:
+                    raise
+                break  # the last revision is gone (aged out): what came is the snapshot
             if entry is None:
-                break
+                marked = True
+                continue
             self._apply(snapshot, revisions, entry)
+            seen = max(seen, int(entry.revision or 0))
         self._watcher = watcher
         self.workers, self.revisions = snapshot, revisions
         self._signal()
