@@ -21,7 +21,7 @@ import asyncio
 import json
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
@@ -208,6 +208,27 @@ class Registry:
                 await watch.resync()
 
 
+async def read_snapshot(updates: Callable[[float], Awaitable[Any]], last: int) -> list[Any]:
+    """The entries of a KV watch's first snapshot: up to nats-py's end marker (None) *and* up to
+    revision ``last``; after the marker a missing revision is waited for SNAPSHOT_STRAGGLER_WAIT
+    seconds at most. ``updates(timeout)`` is the watcher's; it raises nats' TimeoutError."""
+    entries: list[Any] = []
+    seen, marked = 0, False
+    while not (marked and seen >= last):
+        try:
+            entry = await updates(SNAPSHOT_STRAGGLER_WAIT if marked else 10.0)
+        except NatsTimeoutError:
+            if not marked:
+                raise
+            break  # the last revision is gone (aged out): what came is the snapshot
+        if entry is None:
+            marked = True
+            continue
+        entries.append(entry)
+        seen = max(seen, int(entry.revision or 0))
+    return entries
+
+
 class RegistryWatch:
     """A live view of the registry: ``workers`` is current once entered.
 
@@ -248,19 +269,8 @@ class RegistryWatch:
         watcher = await self._registry.kv.watchall(inactive_threshold=WATCH_IDLE)
         snapshot: dict[str, WorkerInfo] = {}
         revisions: dict[str, int] = {}
-        seen, marked = 0, False
-        while not (marked and seen >= last):
-            try:
-                entry = await watcher.updates(timeout=SNAPSHOT_STRAGGLER_WAIT if marked else 10.0)
-            except NatsTimeoutError:
-                if not marked:
-                    raise
-                break  # the last revision is gone (aged out): what came is the snapshot
-            if entry is None:
-                marked = True
-                continue
+        for entry in await read_snapshot(watcher.updates, last):
             self._apply(snapshot, revisions, entry)
-            seen = max(seen, int(entry.revision or 0))
         self._watcher = watcher
         self.workers, self.revisions = snapshot, revisions
         self._signal()
