@@ -526,10 +526,14 @@ class Caller:
         if pending in batch.members:
             batch.members.remove(pending)
         if not batch.members:
-            self._batches.pop(batch.id, None)
-            self._unacked_batches.pop(batch.id, None)
-            if batch.stream_seq is not None:
-                self._by_seq.pop(batch.stream_seq, None)
+            self._drop_batch(batch)
+
+    def _drop_batch(self, batch: _Batch) -> None:
+        """Forget a batch none of whose requests is tracked any more."""
+        self._batches.pop(batch.id, None)
+        self._unacked_batches.pop(batch.id, None)
+        if batch.stream_seq is not None:
+            self._by_seq.pop(batch.stream_seq, None)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -722,9 +726,7 @@ class Caller:
         self._batches[rest.id] = rest
         self._by_seq[seq] = rest.id
         if not batch.members:
-            self._batches.pop(batch.id, None)
-            self._unacked_batches.pop(batch.id, None)
-            self._by_seq.pop(int(old_seq), None)
+            self._drop_batch(batch)
 
     def _on_pub_ack(self, msg: Msg, key: str, members: list[_Pending], owner: _Pending | _Batch,
                     unacked: dict[str, Any]) -> None:
