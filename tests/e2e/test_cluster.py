@@ -438,8 +438,9 @@ def test_hello_world_across_hosts(deployed: Cluster) -> None:
     def grown(w: dict[str, dict[str, Any]]) -> tuple[bool, dict[str, Any]]:
         delta = {k: {f: w[k][f] - before[k][f] for f in ("served", "bytes_pulled", "bytes_served")}
                  for k in ("encoder@node1", "decoder@node2", "encoder_decoder@node3") if k in w and k in before}
-        ok = len(delta) == 3 and all(d["served"] >= 40 for d in delta.values())
-        return ok, delta
+        ok = len(delta) == 3 and all(d["served"] >= 40 for d in delta.values()) and (
+            delta["encoder@node1"]["bytes_served"] >= 40 * 8000 and delta["decoder@node2"]["bytes_pulled"] >= 40 * 8000)
+        return ok, delta  # bytes too: a pull served after the heartbeat that reported the last request lags one
 
     # Registry entries refresh with each heartbeat: wait for the counters of this run.
     delta = wait_for("the data-plane counters of the run", lambda: grown(c.workers()), 60)
