@@ -136,8 +136,11 @@ class _Held:
     abandoned: bool = False
     """Its operator ignored the deadline: answered and terminated without it."""
     attempt: int = 1
+    """Its message's delivery count (from the ack subject, like the next two)."""
+    seq: int = 0
+    """Its message's stream sequence (0: unknown)."""
     published_ns: int = 0
-    """When the request was stored in the stream (from the ack subject), for its queue time."""
+    """When the request was stored in the stream, for its queue time."""
     started: float = 0.0
     """Monotonic time it got its slot."""
     queue_seconds: float | None = None
@@ -519,7 +522,7 @@ class Worker:
         if reply and held.request_id:
             error = DeadlineExceeded("the operator did not stop after its deadline; abandoned",
                                      operator=held.runner.config.name, worker=self.id)
-            await self._send(reply, self._error(held.request_id, error, ack_tokens(held.msg)[0]))
+            await self._send(reply, self._error(held.request_id, error, held.attempt))
         await self._settle(held, b"+TERM")
         await self._release_refs(held)
         self._release_slot(held)
@@ -552,10 +555,13 @@ class Worker:
             return
         if not directed and runner.per_message != 1.0:
             runner.delivered(1)
-        self._hold(msg, runner, directed, data, None)
+        self._hold(msg, runner, directed, data, None, ack_tokens(msg))
 
-    def _hold(self, msg: Msg, runner: OperatorRunner, directed: bool, data: bytes, delivery: _Delivery | None) -> None:
+    def _hold(self, msg: Msg, runner: OperatorRunner, directed: bool, data: bytes, delivery: _Delivery | None,
+              tokens: tuple[int, int, int]) -> None:
+        """Hold one request and start serving it; ``tokens``: its message's ``ack_tokens``."""
         held = _Held(msg, runner, directed, data, delivery)
+        held.attempt, held.seq, held.published_ns = tokens
         if directed:
             self._directed_held += 1
         else:
@@ -580,18 +586,18 @@ class Worker:
         take = len(frames) if directed else max(1, min(len(frames), runner.config.max_inflight - runner.held))
         rest = frames[take:]
         delivery = _Delivery(msg, take + (1 if rest else 0))
+        tokens = ack_tokens(msg)  # parsed once for all the batch's requests
         if rest:
-            self.spawn(self._hand_back_rest(delivery, rest, take, runner.config.max_inflight))
+            self.spawn(self._hand_back_rest(delivery, rest, take, runner.config.max_inflight, tokens[1]))
         for frame in frames[:take]:
-            self._hold(msg, runner, directed, frame, delivery)
+            self._hold(msg, runner, directed, frame, delivery, tokens)
 
-    async def _hand_back_rest(self, delivery: _Delivery, rest: list[bytes], taken: int, slots: int) -> None:
+    async def _hand_back_rest(self, delivery: _Delivery, rest: list[bytes], taken: int, slots: int, seq: int) -> None:
         msg = delivery.msg
-        seq = ack_tokens(msg)[1]
         msg_id = f"split-{seq}-{taken}" if seq else f"split-{uuid.uuid4().hex}"
         kind: bytes = b"+ACK"
         try:
-            ack = await self.nc.jetstream().publish(
+            ack = await self.caller.js.publish(
                 msg.subject, rest[0] if len(rest) == 1 else protocol.encode_batch(rest),
                 timeout=min(5.0, self.rp.ack_wait / 2), headers={"Nats-Msg-Id": msg_id})
             self.batches_split += 1
@@ -705,8 +711,7 @@ class Worker:
     async def _serve(self, held: _Held) -> None:
         msg, runner = held.msg, held.runner
         req: protocol.RequestMessage | None = None
-        attempt, seq, held.published_ns = ack_tokens(msg)
-        held.attempt = attempt
+        attempt, seq = held.attempt, held.seq
         try:
             try:
                 req = protocol.decode_request(held.data)
@@ -789,7 +794,7 @@ class Worker:
             return False
         self.duplicates += 1
         held.finishing = True
-        if not (seq and ack_tokens(running.msg)[1] == seq):  # another copy: the running one answers
+        if not (seq and running.seq == seq):  # another copy: the running one answers
             await self._settle(held, b"+TERM")
         else:  # the same message delivered again while it runs here: the running one acknowledges it
             await self._settle(held, None)
