@@ -61,6 +61,7 @@ from tdist.errors import (
     TdistError,
 )
 from tdist import metrics
+from tdist.eager import start_inline
 from tdist import logs
 from tdist.logs import get_logger
 from tdist.operators import Operator, Request, load_operator_class
@@ -196,7 +197,7 @@ class OperatorRunner:
         if want >= self._min_batch / per_message or (want > 0 and outstanding == 0):
             asking = puller.ask(want)
             if asking is not None:
-                self.worker.spawn(asking)
+                self.worker.spawn(asking, inline=True)
 
     def delivered(self, requests: int) -> None:
         """A message with this many requests came through the shared consumer."""
@@ -339,7 +340,7 @@ class Worker:
                 and self._directed_held < DIRECTED_HELD_MAX):
             asking = directed.ask(1)
             if asking is not None:
-                self.spawn(asking)
+                self.spawn(asking, inline=True)
 
     def _top_up_all(self) -> None:
         for runner in self.runners.values():
@@ -403,10 +404,14 @@ class Worker:
         found = [r.puller for r in self.runners.values() if r.puller is not None]
         return found + ([self._directed] if self._directed is not None else [])
 
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def spawn(self, coro: Any, *, inline: bool = False) -> asyncio.Task[Any] | None:
+        """Run ``coro`` in a tracked task (cancelled at close). ``inline``: up to its first wait
+        now (``tdist.eager``; None if it finished there): a pull request asked for after a slot
+        freed then goes out in the same socket write as the final that freed it."""
+        task = start_inline(coro) if inline else asyncio.get_running_loop().create_task(coro)
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return task
 
     # -- registry and upkeep -------------------------------------------------
