@@ -13,7 +13,10 @@ JetStream work queue costs from Python: a hand-written nats-py echo with tdist's
 flow and nothing else (publish with a message id into a work-queue stream of the same
 storage, PubAck to the caller's inbox, one durable pull consumer asked in batches, the
 response to the caller's inbox, then the ack). ``floor_*`` ratios are against raw too; tdist's
-distance to the floor is what its own code costs.
+distance to the floor is what its own code costs. The **batched floor** is the same with
+tdist's batches: the requests a caller submits in one pass of its event loop go out as one
+stream message, answered one by one and acknowledged once (``floor_batch_*``): what the
+message flow tdist uses allows at 64 in flight.
 
     python benchmarks/request_plane.py [--json] [--rounds 3]
 """
@@ -86,18 +89,55 @@ asyncio.run(main())
 """
 
 
+FLOOR_BATCH_STREAM = "BENCHFLOORB"
+FLOOR_BATCH_SUBJECT = "benchfloorb.echo"
+FLOOR_BATCH_RESPONDER = """
+import asyncio, json, sys, nats
+async def main():
+    nc = await nats.connect(sys.argv[1], pending_size=64 << 20)
+    inbox, next_subject = nc.new_inbox(), "$JS.API.CONSUMER.MSG.NEXT.%s.echo" % sys.argv[2]
+    free = 0
+    async def ask(n):
+        body = json.dumps({"batch": n, "expires": 30_000_000_000}).encode()
+        await nc.publish(next_subject, body, reply=inbox)
+    async def on_msg(msg):
+        nonlocal free
+        if not msg.reply:  # a pull status (408, 409, 100): no request
+            return
+        data, offset = msg.data, 0
+        while offset < len(data):  # records: u32 length, then reply inbox | payload
+            size = int.from_bytes(data[offset:offset + 4], "little")
+            reply_to, _, body = data[offset + 4:offset + 4 + size].partition(b"|")
+            offset += 4 + size
+            await nc.publish(reply_to.decode(), body)
+        await nc.publish(msg.reply, b"+ACK")
+        free += 1
+        if free >= 16:
+            n, free = free, 0
+            await ask(n)
+    await nc.subscribe(inbox, cb=on_msg)
+    await ask(64)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await nc.drain()
+asyncio.run(main())
+"""
+
+
 async def deploy_floor(url: str, storage: str) -> None:
-    """The floor's work-queue stream and its one durable pull consumer (tdist's shapes)."""
+    """The floors' work-queue streams and their one durable pull consumer each (tdist's shapes)."""
     from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(
-            name=FLOOR_STREAM, subjects=[FLOOR_SUBJECT], retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE if storage == "file" else StorageType.MEMORY))
-        await js.add_consumer(FLOOR_STREAM, ConsumerConfig(durable_name="echo", ack_policy=AckPolicy.EXPLICIT,
-                                                           max_ack_pending=100_000, ack_wait=30))
+        for stream, subject in ((FLOOR_STREAM, FLOOR_SUBJECT), (FLOOR_BATCH_STREAM, FLOOR_BATCH_SUBJECT)):
+            await js.add_stream(StreamConfig(
+                name=stream, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE if storage == "file" else StorageType.MEMORY))
+            await js.add_consumer(stream, ConsumerConfig(durable_name="echo", ack_policy=AckPolicy.EXPLICIT,
+                                                         max_ack_pending=100_000, ack_wait=30))
     finally:
         await nc.close()
 
@@ -130,6 +170,35 @@ class FloorCaller:
         return await asyncio.wait_for(fut, 10)
 
 
+class FloorBatchCaller(FloorCaller):
+    """The batched floor's caller: the requests of one loop pass go out as one stream message
+    (length-prefixed records), with one message id and one PubAck, as tdist's batches do."""
+
+    def __init__(self, nc: Any) -> None:
+        super().__init__(nc)
+        self._records: list[bytes] = []
+        self._publishing: set[asyncio.Task[None]] = set()
+
+    async def call(self, payload: bytes) -> bytes:
+        self.count += 1
+        request_id = str(self.count)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        self.waiting[request_id] = fut
+        record = f"{self.inbox}.r.{request_id}|".encode() + payload
+        self._records.append(len(record).to_bytes(4, "little") + record)
+        if len(self._records) == 1:  # the first of this pass: publish them all when the pass ends
+            loop.call_soon(self._flush, request_id)
+        return await asyncio.wait_for(fut, 10)
+
+    def _flush(self, batch_id: str) -> None:
+        data, self._records = b"".join(self._records), []
+        task = asyncio.get_running_loop().create_task(self.nc.publish(
+            FLOOR_BATCH_SUBJECT, data, reply=f"{self.inbox}.a.b{batch_id}", headers={"Nats-Msg-Id": f"b{batch_id}"}))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+
 def start_raw_responder(url: str) -> subprocess.Popen[str]:
     proc = common.start_helper(RAW_RESPONDER, url, RAW_SUBJECT)
     common.wait_line(proc, "ready", "raw responder")
@@ -152,10 +221,13 @@ async def measure(url: str, namespace: str, storage: str, rounds: int, n_serial:
     payload = os.urandom(PAYLOAD)
     tensor = np.frombuffer(payload, dtype=np.uint8)
     results: dict[str, list[float]] = {k: [] for k in (
-        "raw_p50", "tdist_p50", "floor_p50", "raw_rps", "tdist_rps", "floor_rps")}
+        "raw_p50", "tdist_p50", "floor_p50", "floor_batch_p50", "raw_rps", "tdist_rps", "floor_rps",
+        "floor_batch_rps")}
     nc = await nats.connect(url, pending_size=64 << 20)
     floor = FloorCaller(nc)
     await floor.start()
+    floor_batch = FloorBatchCaller(nc)
+    await floor_batch.start()
     rp = RequestPlaneConfig(namespace=namespace, storage=storage)  # type: ignore[arg-type]
     async with Client(NatsConfig(servers=(url,)), request_plane=rp) as client:
         await client.wait_for_workers("echo", timeout=30)
@@ -172,18 +244,24 @@ async def measure(url: str, namespace: str, storage: str, rounds: int, n_serial:
         async def via_floor() -> None:
             assert len(await floor.call(payload)) == PAYLOAD
 
+        async def via_floor_batch() -> None:
+            assert len(await floor_batch.call(payload)) == PAYLOAD
+
         warmup = min(200, n_serial)
         for r in range(rounds):
             results["raw_p50"].append(await common.serial(raw, n_serial, warmup))
             results["tdist_p50"].append(await common.serial(via_tdist, n_serial, warmup))
             results["floor_p50"].append(await common.serial(via_floor, n_serial, warmup))
+            results["floor_batch_p50"].append(await common.serial(via_floor_batch, n_serial, warmup))
             results["raw_rps"].append(await common.parallel(lambda _: raw(), n_parallel, 64))
             results["tdist_rps"].append(await common.parallel(lambda _: via_tdist(), n_parallel, 64))
             results["floor_rps"].append(await common.parallel(lambda _: via_floor(), n_parallel, 64))
+            results["floor_batch_rps"].append(await common.parallel(lambda _: via_floor_batch(), n_parallel, 64))
             print(f"round {r + 1}: p50 raw {results['raw_p50'][-1] * 1e6:.0f} us, tdist "
                   f"{results['tdist_p50'][-1] * 1e6:.0f} us, floor {results['floor_p50'][-1] * 1e6:.0f} us; "
                   f"req/s raw {results['raw_rps'][-1]:.0f}, tdist {results['tdist_rps'][-1]:.0f}, "
-                  f"floor {results['floor_rps'][-1]:.0f}", file=sys.stderr)
+                  f"floor {results['floor_rps'][-1]:.0f}, batched floor {results['floor_batch_rps'][-1]:.0f}",
+                  file=sys.stderr)
     await nc.drain()
     return results
 
@@ -202,9 +280,10 @@ def main() -> int:
         procs.add(start_raw_responder(server.url), 30)
         procs.add(start_tdist_worker(server.url, "bench", f"{tmp}/worker.log", args.storage), 30)
         asyncio.run(deploy_floor(server.url, args.storage))
-        floor_responder = common.start_helper(FLOOR_RESPONDER, server.url, FLOOR_STREAM)
-        procs.add(floor_responder, 30)
-        common.wait_line(floor_responder, "ready", "floor responder")
+        for code, stream in ((FLOOR_RESPONDER, FLOOR_STREAM), (FLOOR_BATCH_RESPONDER, FLOOR_BATCH_STREAM)):
+            floor_responder = common.start_helper(code, server.url, stream)
+            procs.add(floor_responder, 30)
+            common.wait_line(floor_responder, "ready", f"floor responder ({stream})")
         res = asyncio.run(measure(server.url, "bench", args.storage, args.rounds, args.serial, args.parallel))
     med = {k: common.median(v) for k, v in res.items()}
     summary = {
@@ -223,6 +302,10 @@ def main() -> int:
         "floor_rps_64": round(med["floor_rps"], 1),
         "floor_p50_ratio_1": round(med["floor_p50"] / med["raw_p50"], 3),
         "floor_throughput_ratio_64": round(med["floor_rps"] / med["raw_rps"], 3),
+        "floor_batch_p50_us": round(med["floor_batch_p50"] * 1e6, 1),
+        "floor_batch_rps_64": round(med["floor_batch_rps"], 1),
+        "floor_batch_p50_ratio_1": round(med["floor_batch_p50"] / med["raw_p50"], 3),
+        "floor_batch_throughput_ratio_64": round(med["floor_batch_rps"] / med["raw_rps"], 3),
     }
     print(f"{'':22}{'raw nats-py':>14}{'tdist':>14}{'ratio':>10}{'target':>10}{'floor':>14}{'ratio':>8}")
     print(f"{'p50, 1 in flight':22}{summary['raw_p50_us']:>11.0f} us{summary['tdist_p50_us']:>11.0f} us"
@@ -231,7 +314,12 @@ def main() -> int:
     print(f"{'req/s, 64 in flight':22}{summary['raw_rps_64']:>14.0f}{summary['tdist_rps_64']:>14.0f}"
           f"{summary['throughput_ratio_64']:>10.2f}{'>= 0.5':>10}{summary['floor_rps_64']:>14.0f}"
           f"{summary['floor_throughput_ratio_64']:>8.2f}")
-    print("  floor: the same JetStream message flow hand-written on nats-py (see the docstring), not a target")
+    print(f"{'batched floor':22}{'':14}{'':14}{'':10}{'':10}{summary['floor_batch_p50_us']:>11.0f} us"
+          f"{summary['floor_batch_p50_ratio_1']:>8.2f}")
+    print(f"{'':22}{'':14}{'':14}{'':10}{'':10}{summary['floor_batch_rps_64']:>14.0f}"
+          f"{summary['floor_batch_throughput_ratio_64']:>8.2f}")
+    print("  floor: the same JetStream message flow hand-written on nats-py, without and with tdist's batches"
+          " (see the docstring), not a target")
     common.emit_json(summary, args.json)
     return 0
 
