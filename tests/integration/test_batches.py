@@ -83,7 +83,11 @@ async def test_a_cancelled_member_does_not_run_and_its_batch_mates_do(client: Cl
     op = client.operator("slow")
     assert await client.caller.operator_exists("slow", 1)
     streams = [await op.call({"i": np.array([i])}, timeout=60) for i in range(3)]  # one pass: 1 alone, 2 batched
-    await asyncio.sleep(0)  # the pass ends: the batch goes out
+    for _ in range(100):  # the pass ends and the two go out as one batch (a cancel before that would leave one)
+        if client.caller.batches:
+            break
+        await asyncio.sleep(0)
+    assert client.caller.batches == 1
     await streams[2].cancel()
     with pytest.raises(Cancelled):
         await streams[2].final()
