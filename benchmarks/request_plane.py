@@ -64,51 +64,23 @@ import asyncio, json, sys, nats
 async def main():
     nc = await nats.connect(sys.argv[1], pending_size=64 << 20)
     inbox, next_subject = nc.new_inbox(), "$JS.API.CONSUMER.MSG.NEXT.%s.echo" % sys.argv[2]
+    batched = sys.argv[3] == "batched"
     free = 0
     async def ask(n):
         body = json.dumps({"batch": n, "expires": 30_000_000_000}).encode()
         await nc.publish(next_subject, body, reply=inbox)
-    async def on_msg(msg):
-        nonlocal free
-        if not msg.reply:  # a pull status (408, 409, 100): no request
-            return
-        reply_to, _, body = msg.data.partition(b"|")
-        await nc.publish(reply_to.decode(), body)
-        await nc.publish(msg.reply, b"+ACK")
-        free += 1
-        if free >= 16:
-            n, free = free, 0
-            await ask(n)
-    await nc.subscribe(inbox, cb=on_msg)
-    await ask(64)
-    await nc.flush()
-    print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await nc.drain()
-asyncio.run(main())
-"""
-
-
-FLOOR_BATCH_STREAM = "BENCHFLOORB"
-FLOOR_BATCH_SUBJECT = "benchfloorb.echo"
-FLOOR_BATCH_RESPONDER = """
-import asyncio, json, sys, nats
-async def main():
-    nc = await nats.connect(sys.argv[1], pending_size=64 << 20)
-    inbox, next_subject = nc.new_inbox(), "$JS.API.CONSUMER.MSG.NEXT.%s.echo" % sys.argv[2]
-    free = 0
-    async def ask(n):
-        body = json.dumps({"batch": n, "expires": 30_000_000_000}).encode()
-        await nc.publish(next_subject, body, reply=inbox)
-    async def on_msg(msg):
-        nonlocal free
-        if not msg.reply:  # a pull status (408, 409, 100): no request
-            return
-        data, offset = msg.data, 0
-        while offset < len(data):  # records: u32 length, then reply inbox | payload
+    def records(data):  # a batch: records of u32 length, then reply inbox | payload
+        offset = 0
+        while offset < len(data):
             size = int.from_bytes(data[offset:offset + 4], "little")
-            reply_to, _, body = data[offset + 4:offset + 4 + size].partition(b"|")
+            yield data[offset + 4:offset + 4 + size]
             offset += 4 + size
+    async def on_msg(msg):
+        nonlocal free
+        if not msg.reply:  # a pull status (408, 409, 100): no request
+            return
+        for record in records(msg.data) if batched else (msg.data,):
+            reply_to, _, body = record.partition(b"|")
             await nc.publish(reply_to.decode(), body)
         await nc.publish(msg.reply, b"+ACK")
         free += 1
@@ -123,6 +95,9 @@ async def main():
     await nc.drain()
 asyncio.run(main())
 """
+"""The floors' responder: ``argv`` nats url, stream, "batched" (records) or "single"."""
+FLOOR_BATCH_STREAM = "BENCHFLOORB"
+FLOOR_BATCH_SUBJECT = "benchfloorb.echo"
 
 
 async def deploy_floor(url: str, storage: str) -> None:
@@ -280,8 +255,8 @@ def main() -> int:
         procs.add(start_raw_responder(server.url), 30)
         procs.add(start_tdist_worker(server.url, "bench", f"{tmp}/worker.log", args.storage), 30)
         asyncio.run(deploy_floor(server.url, args.storage))
-        for code, stream in ((FLOOR_RESPONDER, FLOOR_STREAM), (FLOOR_BATCH_RESPONDER, FLOOR_BATCH_STREAM)):
-            floor_responder = common.start_helper(code, server.url, stream)
+        for stream, shape in ((FLOOR_STREAM, "single"), (FLOOR_BATCH_STREAM, "batched")):
+            floor_responder = common.start_helper(FLOOR_RESPONDER, server.url, stream, shape)
             procs.add(floor_responder, 30)
             common.wait_line(floor_responder, "ready", f"floor responder ({stream})")
         res = asyncio.run(measure(server.url, "bench", args.storage, args.rounds, args.serial, args.parallel))

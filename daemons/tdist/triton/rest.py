@@ -45,8 +45,8 @@ _RESERVED_PARAMS = frozenset(
     ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers", "binary_data_output"))
 _RESERVED_PREFIX = "triton_"
 
-_FROM_TRITON: dict[str, np.dtype[Any]] = tensors.TRITON_TO_NUMPY
-_TO_TRITON: dict[np.dtype[Any], str] = {dt: name for name, dt in _FROM_TRITON.items()}
+_TO_TRITON: dict[np.dtype[Any], str] = {dt: name for name, dt in tensors.TRITON_TO_NUMPY.items()}
+"""``tdist.tensors``' table inverted, BYTES (numpy object) included."""
 
 
 class RestError(Exception):
@@ -78,7 +78,7 @@ def triton_dtype(dtype: np.dtype[Any]) -> str | None:
 
 def numpy_dtype(datatype: str) -> np.dtype[Any] | None:
     """The numpy dtype of a Triton datatype name (BF16: ml_dtypes.bfloat16); None if unknown."""
-    dtype = _FROM_TRITON.get(datatype)
+    dtype = tensors.TRITON_TO_NUMPY.get(datatype)
     if dtype is None:
         from tritonclient.utils import triton_to_np_dtype
 
