@@ -9,6 +9,12 @@ All workers of an operator share one durable pull consumer filtered on the
 first subject; each worker also has its own consumer on the second.
 Cancellations are core NATS messages on ``tdist.<ns>.cancel.<request_id>``.
 
+A caller's inbox ``<inbox>`` takes everything addressed to the caller (one subscription on
+``<inbox>.>``): ``<inbox>.r.<request_id>`` a request's responses (its reply subject),
+``<inbox>.b.<count>`` several requests' finals in one message (a batch of response frames),
+``<inbox>.a.<key>`` the PubAck of a publish, ``<inbox>.s.<stream seq>`` the notice of a split
+batch. A worker answers ``b`` and ``s`` only to reply subjects of the ``r`` form.
+
 Pure naming, at the bottom of the imports: config (name checks), the request plane,
 the registry and the agent all take their names from here.
 """
@@ -68,6 +74,29 @@ def cancel_wildcard(namespace: str) -> str:
 
 def max_deliveries_advisory(namespace: str) -> str:
     return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream_name(namespace)}.*"
+
+
+def reply_subject(inbox: str, request_id: str) -> str:
+    return f"{inbox}.r.{request_id}"
+
+
+def caller_inbox(reply_subject: str) -> str | None:
+    """The caller inbox of a request's reply subject, or None if it is not of the
+    ``<inbox>.r.<request_id>`` form (a hand-written caller's: answered on it alone)."""
+    inbox, sep, request_id = reply_subject.rpartition(".r.")
+    return inbox if sep and inbox and request_id and "." not in request_id else None
+
+
+def finals_subject(inbox: str, count: int) -> str:
+    return f"{inbox}.b.{count}"
+
+
+def pub_ack_subject(inbox: str, key: str) -> str:
+    return f"{inbox}.a.{key}"
+
+
+def split_notice_subject(inbox: str, old_seq: int) -> str:
+    return f"{inbox}.s.{old_seq}"
 
 
 def workers_bucket(namespace: str) -> str:

@@ -138,6 +138,95 @@ async def test_a_malformed_batch_is_dropped_and_a_bad_member_gets_its_own_error(
         await nc.close()
 
 
+class FinalsSpy:
+    """Counts the shared-finals messages (``<inbox>.b.<count>``) that reach a caller's inbox."""
+
+    def __init__(self, nc: Any) -> None:
+        self.nc = nc
+        self.counts: list[int] = []
+        self.sizes: list[int] = []
+
+    async def watch(self, client: Client) -> None:
+        async def on_finals(msg: Any) -> None:
+            self.counts.append(len(protocol.split_batch(msg.data)))
+            self.sizes.append(len(msg.data))
+        await self.nc.subscribe(f"{client.caller._inbox}.b.*", cb=on_finals)  # names.finals_subject
+        await self.nc.flush()
+
+    async def until_some(self) -> None:
+        for _ in range(200):
+            if self.counts:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_finals_of_one_pass_reach_their_caller_in_shared_messages(
+    nats_server: EmbeddedNatsServer, client: Client, workers
+) -> None:
+    worker = await workers("w", operator("count", "Counting", max_inflight=64))
+    op = client.operator("count")
+    await op.infer({"i": np.array([-1])}, timeout=30)
+    nc = await nats.connect(nats_server.url)
+    try:
+        spy = FinalsSpy(nc)
+        await spy.watch(client)
+        results = await asyncio.gather(*(op.infer({"i": np.array([i])}, timeout=60) for i in range(300)))
+
+        assert [int(r.outputs["i"][0]) for r in results] == list(range(300))
+        await spy.until_some()
+        assert spy.counts and max(spy.counts) > 1  # several finals in one message
+        assert sum(spy.counts) <= 300
+        executed = collections.Counter(worker.runners[("count", 1)].instance.executed)
+        assert len(executed) == 301 and set(executed.values()) == {1}
+        assert (await until_stream_empty(client)).messages == 0  # every request acknowledged
+        assert client.caller.pending_count == 0
+    finally:
+        await nc.close()
+
+
+async def test_finals_too_large_for_one_message_together_go_in_several(
+    nats_server: EmbeddedNatsServer, client: Client, workers
+) -> None:
+    await workers("w", operator("count", "Counting", max_inflight=64))
+    op = client.operator("count")
+    size = 60 << 10  # inline (under the 64 KiB threshold): 64 finals are 4 MiB, a message at most 1 MiB
+    nc = await nats.connect(nats_server.url)
+    try:
+        spy = FinalsSpy(nc)
+        await spy.watch(client)
+        results = await asyncio.gather(*(op.infer({"x": np.full(size, i, np.uint8)}, timeout=60) for i in range(64)))
+
+        for i, result in enumerate(results):
+            x = result.outputs["x"]
+            assert x.nbytes == size and int(x.min()) == int(x.max()) == i
+        await spy.until_some()
+        assert spy.counts and max(spy.counts) > 1
+        assert max(spy.sizes) <= client.caller.max_payload
+        assert (await until_stream_empty(client)).messages == 0
+    finally:
+        await nc.close()
+
+
+async def test_junk_on_the_shared_finals_subject_is_ignored(
+    nats_server: EmbeddedNatsServer, client: Client, workers
+) -> None:
+    await workers("w", operator("count", "Counting", max_inflight=4))
+    op = client.operator("count")
+    stray = protocol.encode_response(protocol.ResponseMessage("nobody", "final", "w", 1, {"i": np.array([9])}))
+    nc = await nats.connect(nats_server.url)
+    try:
+        subject = names.finals_subject(client.caller._inbox, 2)  # type: ignore[attr-defined]
+        for junk in (b"", b"TD\x01B", protocol.encode_batch([stray, b"not a response"]), b"\x00" * 100):
+            client.caller._on_finals(junk)  # type: ignore[attr-defined]  # raises if it does not cope
+            await nc.publish(subject, junk)  # and through the subscription
+        await nc.flush()
+        final = await op.infer({"i": np.array([5])}, timeout=30)
+        assert final.outputs["i"].tolist() == [5]
+        assert client.caller.pending_count == 0
+    finally:
+        await nc.close()
+
+
 async def test_one_request_at_a_time_is_never_batched(client: Client, workers) -> None:
     await workers("w", operator("count", "Counting", max_inflight=4))
     op = client.operator("count")

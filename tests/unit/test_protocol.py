@@ -14,12 +14,14 @@ from tdist.request_plane.protocol import (
     ErrorInfo,
     RequestMessage,
     ResponseMessage,
+    BATCH_OVERHEAD,
     MAX_BATCH,
     decode_request,
     decode_response,
     encode_batch,
     encode_request,
     encode_response,
+    fit_batches,
     is_batch,
     peek_reply,
     split_batch,
@@ -402,6 +404,29 @@ def _batch(count: int, *members: bytes, tail: bytes = b"") -> bytes:
 def test_malformed_batch_names_what_is_wrong(data: bytes, reason: str) -> None:
     with pytest.raises(InvalidRequest, match=reason):
         split_batch(data)
+
+
+def test_responses_batch_too() -> None:
+    frames = [encode_response(ResponseMessage(f"r{i}", "final", "w1", 1, {"x": np.arange(i)})) for i in range(3)]
+    assert [decode_response(f).request_id for f in split_batch(encode_batch(frames))] == ["r0", "r1", "r2"]
+
+
+def test_fit_batches_keeps_order_and_every_run_fits_its_frame() -> None:
+    frames = [bytes(n) for n in (300, 10, 500, 200, 200, 1000, 1, 1)]
+    limit = 1000
+    runs = fit_batches(frames, len, limit)
+    assert [f for run in runs for f in run] == frames  # nothing lost, nothing reordered
+    for run in runs:
+        assert len(run) == 1 or len(encode_batch(run)) <= limit
+    assert [len(run) for run in runs] == [3, 2, 1, 2]
+    for run, after in zip(runs, runs[1:]):  # each run as full as the limit allows
+        assert BATCH_OVERHEAD + sum(len(f) + 4 for f in run + after[:1]) > limit
+
+
+def test_fit_batches_caps_the_members_of_a_run() -> None:
+    assert [len(r) for r in fit_batches(list(range(10)), lambda _: 1, 1 << 20, most=4)] == [4, 4, 2]
+    assert [len(r) for r in fit_batches(list(range(MAX_BATCH + 1)), lambda _: 1, 1 << 30)] == [MAX_BATCH, 1]
+    assert fit_batches([], len, 100) == []
 
 
 def test_a_batch_is_not_a_request() -> None:

@@ -95,6 +95,21 @@ def test_bucket_and_advisory_names() -> None:
 # --- --operator -----------------------------------------------------------------------
 
 
+def test_caller_inbox_subjects() -> None:
+    inbox = "_INBOX.Zt5cYx2Q7L8pQ1"
+    reply = names.reply_subject(inbox, "a1b2")
+    assert reply == f"{inbox}.r.a1b2" and names.caller_inbox(reply) == inbox
+    for subject in (names.finals_subject(inbox, 3), names.pub_ack_subject(inbox, "k"),
+                    names.split_notice_subject(inbox, 7)):
+        assert nats_match(f"{inbox}.>", subject)  # all on the caller's one subscription
+    assert names.finals_subject(inbox, 3) == f"{inbox}.b.3"
+
+
+@pytest.mark.parametrize("reply", ["_INBOX.abc", "r.x", ".r.x", "_INBOX.abc.r.", "_INBOX.abc.r.x.y", "inbox"])
+def test_a_reply_subject_not_of_a_tdist_caller_has_no_caller_inbox(reply: str) -> None:
+    assert names.caller_inbox(reply) is None  # answered on its own subject, never batched
+
+
 def test_parse_operator_flag() -> None:
     op = parse_operator_flag(
         "name=echo,implementation=pkg.mod:Echo,version=3,max_inflight=8,param.delay=0.5,param.name=abc,param.n=2"

@@ -4,7 +4,8 @@ A request is published into the namespace's work-queue stream with the caller's
 inbox as the reply subject of the publish, so the stream's acknowledgement
 (PubAck, or the refusal when limits are reached) arrives asynchronously on the
 same inbox subscription as the responses: one round trip less than awaiting the
-PubAck. Responses come back over core NATS to ``<inbox>.r.<request id>``.
+PubAck. Responses come back over core NATS to ``<inbox>.r.<request id>``, or several
+requests' finals in one message on ``<inbox>.b.<count>`` (``tdist.names``).
 
 Requests submitted to one operator in one pass of the event loop share one stream message
 (a *batch*, ``[request_plane] max_batch``), published when the pass ends; a request submitted
@@ -95,6 +96,10 @@ FINAL_GRACE = 1.0
 LEASE_MARGIN = 30.0
 # Batches to an operator whose worker split one are capped at its slots this long.
 BATCH_CAP_TTL = 60.0
+
+
+def _frame_size(pending: _Pending) -> int:
+    return len(pending.data)
 
 
 class _IdSource:
@@ -421,7 +426,7 @@ class Caller:
             operator=operator,
             version=version,
             deadline=deadline,
-            reply_to=f"{self._inbox}.r.{request_id}",
+            reply_to=names.reply_subject(self._inbox, request_id),
             parameters=dict(parameters or {}),
             inputs=dict(inputs),
             parent_id=parent_id,
@@ -467,21 +472,9 @@ class Caller:
         """At the end of a loop pass: publish what was gathered, in batches within the limits."""
         self._flush_scheduled = False
         gathering, self._gathering = self._gathering, {}
-        room = self.max_payload - protocol.BATCH_OVERHEAD
         for subject, gathered in gathering.items():
-            most = self._batch_cap(subject)
-            chunk: list[_Pending] = []
-            size = 0
-            for pending in gathered:
-                if pending.done or pending.request_id not in self._pending:
-                    continue  # left or cancelled meanwhile
-                cost = len(pending.data) + 4
-                if chunk and (len(chunk) >= most or size + cost > room):
-                    self._spawn(self._publish_gathered(subject, chunk))
-                    chunk, size = [], 0
-                chunk.append(pending)
-                size += cost
-            if chunk:
+            live = [p for p in gathered if not p.done and p.request_id in self._pending]  # not left meanwhile
+            for chunk in protocol.fit_batches(live, _frame_size, self.max_payload, self._batch_cap(subject)):
                 self._spawn(self._publish_gathered(subject, chunk))
 
     def _batch_cap(self, subject: str) -> int:
@@ -515,7 +508,7 @@ class Caller:
         """Publish (or publish again) one batch; its PubAck comes to ``<inbox>.a.<batch id>``."""
         batch.published_at = time.monotonic()
         self._unacked_batches[batch.id] = batch
-        await self.nc.publish(batch.subject, batch.data, reply=f"{self._inbox}.a.{batch.id}",
+        await self.nc.publish(batch.subject, batch.data, reply=names.pub_ack_subject(self._inbox, batch.id),
                               headers={"Nats-Msg-Id": batch.id})
 
     def _leave_batch(self, pending: _Pending) -> None:
@@ -544,7 +537,7 @@ class Caller:
         """Publish (or publish again) one request; its PubAck comes to ``<inbox>.a.<id>``."""
         pending.published_at = time.monotonic()
         self._unacked[pending.request_id] = pending
-        await self.nc.publish(pending.subject, pending.data, reply=f"{self._inbox}.a.{pending.request_id}",
+        await self.nc.publish(pending.subject, pending.data, reply=names.pub_ack_subject(self._inbox, pending.request_id),
                               headers={"Nats-Msg-Id": msg_id})
 
     # -- upkeep and recovery ---------------------------------------------------
@@ -683,6 +676,9 @@ class Caller:
         if kind == "s":
             self._on_split(request_id, msg)
             return
+        if kind == "b":
+            self._on_finals(msg.data)
+            return
         if pending is None:
             return
         try:
@@ -690,8 +686,28 @@ class Caller:
         except InvalidRequest as exc:
             log.warning("bad_response", request_id=request_id, error=str(exc))
             return
-        if resp.request_id != request_id:
+        if resp.request_id == request_id:
+            self._on_response(pending, resp)
+
+    def _on_finals(self, data: bytes) -> None:
+        """Several requests' final responses in one message (a worker's finals of one pass)."""
+        try:
+            frames = protocol.split_batch(data)
+        except InvalidRequest as exc:
+            log.warning("bad_response", error=str(exc))
             return
+        for frame in frames:
+            try:
+                resp = protocol.decode_response(frame)
+            except InvalidRequest as exc:
+                log.warning("bad_response", error=str(exc))
+                continue
+            pending = self._pending.get(resp.request_id)
+            if pending is not None:
+                self._on_response(pending, resp)
+
+    def _on_response(self, pending: _Pending, resp: protocol.ResponseMessage) -> None:
+        request_id = resp.request_id
         if pending.final_seen:
             log.warning("late_response_dropped", request_id=request_id, worker=resp.worker_id, kind=resp.kind)
             return

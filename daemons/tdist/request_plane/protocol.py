@@ -5,7 +5,8 @@ Every message is one frame::
     b"TD" | version:u8 | kind:u8 | reply_len:u16 | reply | header_len:u32 | header | tensor bytes
 
 A *batch* carries several request frames of one caller to one operator in one stream message
-(one store, PubAck, delivery and ack for them all)::
+(one store, PubAck, delivery and ack for them all), or several final responses of one worker to
+one caller in one core NATS message::
 
     b"TD" | version:u8 | kind=b"B" | 0:u16 | count:u32 | (frame_len:u32 | request frame) * count
 
@@ -24,8 +25,8 @@ import math
 import re
 import struct
 from dataclasses import dataclass, field
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar
 
 import orjson
 
@@ -46,6 +47,7 @@ BATCH_OVERHEAD = 8 + 4
 _PREFIX = struct.Struct("<2sBBH")
 _HEADER_LEN = struct.Struct("<I")
 
+T = TypeVar("T")
 ResponseKind = Literal["partial", "final", "error"]
 RESPONSE_KINDS: tuple[str, ...] = ("partial", "final", "error")
 
@@ -271,12 +273,30 @@ def _decode_request(data: bytes) -> RequestMessage:
 
 
 def encode_batch(frames: list[bytes]) -> bytes:
-    """Several encoded requests (``encode_request``) in one frame, in order."""
+    """Several encoded requests (``encode_request``), or responses, in one frame, in order."""
     parts: list[bytes] = [_PREFIX.pack(MAGIC, VERSION, KIND_BATCH, 0), _COUNT.pack(len(frames))]
     for frame in frames:
         parts.append(_COUNT.pack(len(frame)))
         parts.append(frame)
     return b"".join(parts)
+
+
+def fit_batches(items: list[T], size: Callable[[T], int], max_payload: int, most: int = MAX_BATCH) -> list[list[T]]:
+    """``items`` in order, cut into runs whose frames (``size(item)`` bytes each) fit one batch
+    frame of at most ``max_payload`` bytes and ``most`` members (an item too large alone for a
+    batch makes a run of its own)."""
+    runs: list[list[T]] = []
+    room = max_payload - BATCH_OVERHEAD
+    used = 0
+    for item in items:
+        cost = size(item) + 4
+        if runs and len(runs[-1]) < most and used + cost <= room:
+            runs[-1].append(item)
+            used += cost
+        else:
+            runs.append([item])
+            used = cost
+    return runs
 
 
 def is_batch(data: bytes) -> bool:

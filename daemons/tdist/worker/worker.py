@@ -28,11 +28,19 @@ message first (its message id is made from the batch's stream sequence and the s
 a redelivered batch split again the same way is stored once). The batch is acknowledged when
 every request taken from it is settled and the rest is stored; if any of them had to be handed
 back (a shutdown), or the rest could not be stored, the whole batch is handed back instead.
+
+Finals that are ready in one pass of the event loop while other requests are held go out
+together after that pass (``_send_finals``): the finals to one caller inbox as one message (a
+batch of response frames on ``<inbox>.b.<count>``), then the acknowledgements. One message per
+caller instead of one per request spares the server's routing and the caller's parsing of each.
+A final of a worker with nothing else held goes out at once (one at a time pays no wait).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextvars
 import logging
 import os
 import time
@@ -83,6 +91,12 @@ HUNG_GRACE = 5.0
 """Seconds an operator has to stop after its deadline cancelled it, before it is abandoned."""
 FINAL_SETTLE = 1.0
 """After a reconnect, wait this long before sending held finals: callers reconnect too."""
+SERVE_PER_PASS = 16
+"""Requests whose tasks start in one pass of the event loop; more wait for the next passes. A
+delivery of many requests (a batch) then goes out as finals in groups, each written while the
+next is served, so that caller and worker work at the same time instead of in turns. Echo, 64 in
+flight, 2 cores: 11,200 to 16,000 req/s against 8,200 with no limit and 11,750 with 8 (a pass
+of each group's size costs more than it overlaps)."""
 DIRECTED_HELD_MAX = 16
 """Directed requests held (waiting for a slot or running) before the worker stops pulling more."""
 HELD_CAP = 2
@@ -146,6 +160,13 @@ class _Held:
     """Monotonic time it got its slot."""
     queue_seconds: float | None = None
     """From its publish to getting its slot."""
+    final: bytes = b""
+    """Its encoded final response while it waits in the worker's outbox (``_send_finals``)."""
+    reply_to: str = ""
+
+
+def _final_size(held: _Held) -> int:
+    return len(held.final)
 
 
 def ack_tokens(msg: Msg) -> tuple[int, int, int]:
@@ -248,6 +269,13 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._outbox: list[_Held] = []
+        self._started_in_pass = 0
+        self._to_start: collections.deque[_Held] = collections.deque()
+        """Held requests whose tasks start in a later pass (``SERVE_PER_PASS``)."""
+        """Held requests whose finals wait for the end of this pass (``_send_finals``)."""
+        self._plain_context = contextvars.copy_context()
+        """The context ``_send_finals`` runs in: the process's, none of its requests'."""
         self._idle_unflushed = False
         """Fell idle since the last metrics flush: the next deadline sweep flushes."""
         self._maintenance: list[asyncio.Task[None]] = []
@@ -282,6 +310,7 @@ class Worker:
 
     async def start(self) -> None:
         """Load operators, connect, declare consumers, register, then start pulling."""
+        self._plain_context = contextvars.copy_context()  # with what main() bound (worker=...)
         try:
             for op_cfg in self.config.operators:
                 cls = load_operator_class(op_cfg.implementation)
@@ -573,8 +602,25 @@ class Worker:
             runner.held += 1
         self._held.add(held)
         self._idle.clear()
+        self._start_serving(held)
+
+    def _start_serving(self, held: _Held) -> None:
+        """Start a held request's task now, or in a later pass once ``SERVE_PER_PASS`` started in
+        this one (in order)."""
+        if self._started_in_pass >= SERVE_PER_PASS:
+            self._to_start.append(held)
+            return
+        loop = asyncio.get_running_loop()
+        if not self._started_in_pass:
+            loop.call_soon(self._next_pass)  # runs before the steps of the tasks started below
+        self._started_in_pass += 1
         # Tracked through _held (not spawn): one task per request is the hot path.
-        held.task = asyncio.get_running_loop().create_task(self._serve(held))
+        held.task = loop.create_task(self._serve(held))
+
+    def _next_pass(self) -> None:
+        self._started_in_pass = 0
+        while self._to_start and self._started_in_pass < SERVE_PER_PASS:
+            self._start_serving(self._to_start.popleft())
 
     def _accept_batch(self, msg: Msg, runner: OperatorRunner, directed: bool) -> None:
         """Take as many of a batch's requests as there are free slots (at least one); the rest
@@ -621,11 +667,12 @@ class Worker:
         by_inbox: dict[str, list[str]] = {}
         for frame in rest:
             reply = protocol.peek_reply(frame) or ""
-            inbox, sep, request_id = reply.rpartition(".r.")
-            if sep and inbox and request_id:
-                by_inbox.setdefault(inbox, []).append(request_id)
+            inbox = names.caller_inbox(reply)
+            if inbox is not None:
+                by_inbox.setdefault(inbox, []).append(reply.rsplit(".", 1)[1])
         for inbox, ids in by_inbox.items():
-            await self._publish(f"{inbox}.s.{old_seq}", orjson.dumps({"seq": new_seq, "ids": ids, "slots": slots}))
+            await self._publish(names.split_notice_subject(inbox, old_seq),
+                                orjson.dumps({"seq": new_seq, "ids": ids, "slots": slots}))
 
     async def _settle(self, held: _Held, kind: bytes | None) -> None:
         """Acknowledge a held request (``kind`` None: a copy of it running here acknowledges):
@@ -779,7 +826,7 @@ class Worker:
             if not held.finishing:
                 await self._settle(held, b"-NAK")
         finally:
-            if not held.abandoned:
+            if not held.abandoned and not held.final:  # (a final in the outbox: _send_finals frees it)
                 self._release_slot(held)
                 self._finish(held)
 
@@ -883,11 +930,55 @@ class Worker:
         if not self.runtime.connected.is_set():
             await self._wait_for_connection(req.deadline)
         self._finals.put(req.id, data, time.monotonic())
-        await self._publish(req.reply_to, data)
-        await self._settle(held, b"+ACK")
         self._account(held, final, len(data))
+        if len(self._held) > 1:  # others may finish in this pass: out together after it
+            held.final, held.reply_to = data, req.reply_to
+            self._outbox.append(held)
+            if len(self._outbox) == 1:
+                asyncio.get_running_loop().call_soon(self._flush_outbox, context=self._plain_context)
+            return
+        await self._publish(req.reply_to, data)
+        await self._after_final(held)
+
+    async def _after_final(self, held: _Held) -> None:
+        await self._settle(held, b"+ACK")
         if held.refs:
             await self._release_refs(held)
+
+    def _flush_outbox(self) -> None:
+        waiting, self._outbox = self._outbox, []
+        self.spawn(self._send_finals(waiting), inline=True)
+
+    async def _send_finals(self, waiting: list[_Held]) -> None:
+        """Publish the finals of one pass, those to one caller inbox in as few messages as
+        ``max_payload`` allows; then acknowledge each request and free its slot, as for a final
+        sent alone. A reply subject that is not a tdist caller's gets its final on its own."""
+        try:
+            by_inbox: dict[str, list[_Held]] = {}
+            for held in waiting:
+                inbox = names.caller_inbox(held.reply_to)
+                if inbox is None:
+                    await self._publish(held.reply_to, held.final)
+                else:
+                    by_inbox.setdefault(inbox, []).append(held)
+            limit = self.nc.max_payload
+            for inbox, group in by_inbox.items():
+                for chunk in protocol.fit_batches(group, _final_size, limit):
+                    if len(chunk) == 1:
+                        await self._publish(chunk[0].reply_to, chunk[0].final)
+                    else:
+                        await self._publish(names.finals_subject(inbox, len(chunk)),
+                                            protocol.encode_batch([h.final for h in chunk]))
+        finally:
+            for held in waiting:
+                try:
+                    await self._after_final(held)
+                except Exception as exc:  # never leave the others' slots taken
+                    log.warning("settle_failed", request_id=held.request_id, error=f"{type(exc).__name__}: {exc}")
+                finally:
+                    held.final = b""
+                    self._release_slot(held)
+                    self._finish(held)
 
     def _account(self, held: _Held, final: protocol.ResponseMessage, bytes_out: int) -> None:
         """Metrics and the one summary line of a finished request."""
