@@ -270,10 +270,10 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._outbox: list[_Held] = []
+        """Held requests whose finals wait for the end of this pass (``_send_finals``)."""
         self._started_in_pass = 0
         self._to_start: collections.deque[_Held] = collections.deque()
         """Held requests whose tasks start in a later pass (``SERVE_PER_PASS``)."""
-        """Held requests whose finals wait for the end of this pass (``_send_finals``)."""
         self._plain_context = contextvars.copy_context()
         """The context ``_send_finals`` runs in: the process's, none of its requests'."""
         self._idle_unflushed = False
