@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import struct
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -15,7 +17,7 @@ import pytest
 
 from tdist import names
 from tdist.client import Client
-from tdist.config import RequestPlaneConfig
+from tdist.config import DataPlaneConfig, NatsConfig, RequestPlaneConfig
 from tdist.errors import Cancelled
 from tdist.nats_server import EmbeddedNatsServer
 from tdist.request_plane import protocol
@@ -139,19 +141,15 @@ async def test_a_malformed_batch_is_dropped_and_a_bad_member_gets_its_own_error(
 
 
 class FinalsSpy:
-    """Counts the shared-finals messages (``<inbox>.b.<count>``) that reach a caller's inbox."""
+    """The shared-finals messages (``<inbox>.b.<count>``) that reach a caller's inbox."""
 
-    def __init__(self, nc: Any) -> None:
-        self.nc = nc
+    def __init__(self) -> None:
         self.counts: list[int] = []
         self.sizes: list[int] = []
 
-    async def watch(self, client: Client) -> None:
-        async def on_finals(msg: Any) -> None:
-            self.counts.append(len(protocol.split_batch(msg.data)))
-            self.sizes.append(len(msg.data))
-        await self.nc.subscribe(f"{client.caller._inbox}.b.*", cb=on_finals)  # names.finals_subject
-        await self.nc.flush()
+    async def on_finals(self, msg: Any) -> None:
+        self.counts.append(len(protocol.split_batch(msg.data)))
+        self.sizes.append(len(msg.data))
 
     async def until_some(self) -> None:
         for _ in range(200):
@@ -160,51 +158,57 @@ class FinalsSpy:
             await asyncio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def finals_spy(nats_server: EmbeddedNatsServer, client: Client) -> AsyncIterator[FinalsSpy]:
+    nc = await nats.connect(nats_server.url)
+    try:
+        spy = FinalsSpy()
+        await nc.subscribe(f"{client.caller._inbox}.b.*", cb=spy.on_finals)  # names.finals_subject
+        await nc.flush()
+        yield spy
+    finally:
+        await nc.close()
+
+
 async def test_finals_of_one_pass_reach_their_caller_in_shared_messages(
     nats_server: EmbeddedNatsServer, client: Client, workers
 ) -> None:
     worker = await workers("w", operator("count", "Counting", max_inflight=64))
     op = client.operator("count")
     await op.infer({"i": np.array([-1])}, timeout=30)
-    nc = await nats.connect(nats_server.url)
-    try:
-        spy = FinalsSpy(nc)
-        await spy.watch(client)
+    async with finals_spy(nats_server, client) as spy:
         results = await asyncio.gather(*(op.infer({"i": np.array([i])}, timeout=60) for i in range(300)))
 
         assert [int(r.outputs["i"][0]) for r in results] == list(range(300))
         await spy.until_some()
-        assert spy.counts and max(spy.counts) > 1  # several finals in one message
+        assert max(spy.counts, default=0) > 1  # several finals in one message
         assert sum(spy.counts) <= 300
-        executed = collections.Counter(worker.runners[("count", 1)].instance.executed)
-        assert len(executed) == 301 and set(executed.values()) == {1}
-        assert (await until_stream_empty(client)).messages == 0  # every request acknowledged
-        assert client.caller.pending_count == 0
-    finally:
-        await nc.close()
+    executed = collections.Counter(worker.runners[("count", 1)].instance.executed)
+    assert len(executed) == 301 and set(executed.values()) == {1}
+    assert (await until_stream_empty(client)).messages == 0  # every request acknowledged
+    assert client.caller.pending_count == 0
 
 
 async def test_finals_too_large_for_one_message_together_go_in_several(
-    nats_server: EmbeddedNatsServer, client: Client, workers
+    nats_server: EmbeddedNatsServer, deployed: RequestPlaneConfig, workers
 ) -> None:
-    await workers("w", operator("count", "Counting", max_inflight=64))
-    op = client.operator("count")
-    size = 60 << 10  # inline (under the 64 KiB threshold): 64 finals are 4 MiB, a message at most 1 MiB
-    nc = await nats.connect(nats_server.url)
-    try:
-        spy = FinalsSpy(nc)
-        await spy.watch(client)
-        results = await asyncio.gather(*(op.infer({"x": np.full(size, i, np.uint8)}, timeout=60) for i in range(64)))
+    size = 200 << 10  # inline on both sides: 16 finals of a pass are 3.2 MB, a message at most 1 MiB
+    # (48 requests: 9.6 MB, within the test stream's 16 MiB)
+    inline = DataPlaneConfig(inline_threshold=256 << 10)
+    await workers("w", operator("count", "Counting", max_inflight=64), data_plane=inline)
+    async with Client(NatsConfig(servers=(nats_server.url,)), request_plane=deployed, data_plane=inline) as client:
+        op = client.operator("count")
+        async with finals_spy(nats_server, client) as spy:
+            results = await asyncio.gather(*(op.infer({"x": np.full(size, i, np.uint8)}, timeout=60)
+                                             for i in range(48)))
 
-        for i, result in enumerate(results):
-            x = result.outputs["x"]
-            assert x.nbytes == size and int(x.min()) == int(x.max()) == i
-        await spy.until_some()
-        assert spy.counts and max(spy.counts) > 1
-        assert max(spy.sizes) <= client.caller.max_payload
+            for i, result in enumerate(results):
+                x = result.outputs["x"]
+                assert x.nbytes == size and int(x.min()) == int(x.max()) == i
+            await spy.until_some()
+            assert max(spy.counts, default=0) > 1
+            assert max(spy.sizes) <= client.caller.max_payload
         assert (await until_stream_empty(client)).messages == 0
-    finally:
-        await nc.close()
 
 
 async def test_junk_on_the_shared_finals_subject_is_ignored(
