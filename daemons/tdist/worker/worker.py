@@ -946,8 +946,10 @@ class Worker:
             await self._release_refs(held)
 
     def _flush_outbox(self) -> None:
+        """Inline (``tdist.eager``): the finals go out in this pass's socket write. In a task when
+        a request has tensor references to release: the data plane's calls need a current task."""
         waiting, self._outbox = self._outbox, []
-        self.spawn(self._send_finals(waiting), inline=True)
+        self.spawn(self._send_finals(waiting), inline=not any(held.refs for held in waiting))
 
     async def _send_finals(self, waiting: list[_Held]) -> None:
         """Publish the finals of one pass, those to one caller inbox in as few messages as
