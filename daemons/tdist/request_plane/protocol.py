@@ -8,7 +8,7 @@ A *batch* carries several request frames of one caller to one operator in one st
 (one store, PubAck, delivery and ack for them all), or several final responses of one worker to
 one caller in one core NATS message::
 
-    b"TD" | version:u8 | kind=b"B" | 0:u16 | count:u32 | (frame_len:u32 | request frame) * count
+    b"TD" | version:u8 | kind=b"B" | 0:u16 | count:u32 | (frame_len:u32 | member frame) * count
 
 All integers are little-endian. ``reply`` is the caller's inbox subject (empty
 in responses); it comes before the JSON header so that a worker can still send
