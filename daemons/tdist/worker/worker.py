@@ -932,30 +932,29 @@ class Worker:
             await self._wait_for_connection(req.deadline)
         self._finals.put(req.id, data, time.monotonic())
         self._account(held, final, len(data))
-        if len(self._held) > 1:  # others may finish in this pass: out together after it
+        if len(self._held) > 1 and not held.refs:  # others may finish in this pass: out together after it
             held.final, held.reply_to = data, req.reply_to
             self._outbox.append(held)
             if len(self._outbox) == 1:
                 asyncio.get_running_loop().call_soon(self._flush_outbox, context=self._plain_context)
             return
+        # Alone, or with tensor references to release (the data plane's release starts in this
+        # pass, as the final's publish, and needs this task: its round trip has a timeout).
         await self._publish(req.reply_to, data)
-        await self._after_final(held)
-
-    async def _after_final(self, held: _Held) -> None:
         await self._settle(held, b"+ACK")
         if held.refs:
             await self._release_refs(held)
 
     def _flush_outbox(self) -> None:
-        """Inline (``tdist.eager``): the finals go out in this pass's socket write. In a task when
-        a request has tensor references to release: the data plane's calls need a current task."""
+        """Inline (``tdist.eager``): the finals go out in this pass's socket write."""
         waiting, self._outbox = self._outbox, []
-        self.spawn(self._send_finals(waiting), inline=not any(held.refs for held in waiting))
+        self.spawn(self._send_finals(waiting), inline=True)
 
     async def _send_finals(self, waiting: list[_Held]) -> None:
         """Publish the finals of one pass, those to one caller inbox in as few messages as
         ``max_payload`` allows; then acknowledge each request and free its slot, as for a final
-        sent alone. A reply subject that is not a tdist caller's gets its final on its own."""
+        sent alone (none of them holds tensor references: ``_finish_with``). A reply subject that
+        is not a tdist caller's gets its final on its own."""
         try:
             by_inbox: dict[str, list[_Held]] = {}
             for held in waiting:
@@ -975,7 +974,7 @@ class Worker:
         finally:
             for held in waiting:
                 try:
-                    await self._after_final(held)
+                    await self._settle(held, b"+ACK")
                 except Exception as exc:  # never leave the others' slots taken
                     log.warning("settle_failed", request_id=held.request_id, error=f"{type(exc).__name__}: {exc}")
                 finally:
