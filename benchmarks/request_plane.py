@@ -135,11 +135,16 @@ class FloorCaller:
                     fut.set_result(msg.data)
         await self.nc.subscribe(f"{self.inbox}.>", cb=on_inbox)
 
-    async def call(self, payload: bytes) -> bytes:
+    def _expect(self) -> tuple[str, asyncio.Future[bytes]]:
+        """A new request id and the future its response resolves."""
         self.count += 1
         request_id = str(self.count)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.waiting[request_id] = fut
+        return request_id, fut
+
+    async def call(self, payload: bytes) -> bytes:
+        request_id, fut = self._expect()
         await self.nc.publish(FLOOR_SUBJECT, f"{self.inbox}.r.{request_id}|".encode() + payload,
                               reply=f"{self.inbox}.a.{request_id}", headers={"Nats-Msg-Id": request_id})
         return await asyncio.wait_for(fut, 10)
@@ -155,15 +160,11 @@ class FloorBatchCaller(FloorCaller):
         self._publishing: set[asyncio.Task[None]] = set()
 
     async def call(self, payload: bytes) -> bytes:
-        self.count += 1
-        request_id = str(self.count)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes] = loop.create_future()
-        self.waiting[request_id] = fut
+        request_id, fut = self._expect()
         record = f"{self.inbox}.r.{request_id}|".encode() + payload
         self._records.append(len(record).to_bytes(4, "little") + record)
         if len(self._records) == 1:  # the first of this pass: publish them all when the pass ends
-            loop.call_soon(self._flush, request_id)
+            asyncio.get_running_loop().call_soon(self._flush, request_id)
         return await asyncio.wait_for(fut, 10)
 
     def _flush(self, batch_id: str) -> None:

@@ -537,7 +537,8 @@ class Caller:
         """Publish (or publish again) one request; its PubAck comes to ``<inbox>.a.<id>``."""
         pending.published_at = time.monotonic()
         self._unacked[pending.request_id] = pending
-        await self.nc.publish(pending.subject, pending.data, reply=names.pub_ack_subject(self._inbox, pending.request_id),
+        await self.nc.publish(pending.subject, pending.data,
+                              reply=names.pub_ack_subject(self._inbox, pending.request_id),
                               headers={"Nats-Msg-Id": msg_id})
 
     # -- upkeep and recovery ---------------------------------------------------
