@@ -78,7 +78,7 @@ from tdist.data_plane.descriptor import TensorRef
 from tdist.logs import get_logger
 from tdist.data_plane.plane import LazyDataPlane, any_needs_reference
 from tdist.request_plane import protocol, streams
-from tdist.request_plane.connection import subscribe_inline
+from tdist.request_plane.connection import subscribe_inline, write_now
 
 log = get_logger("tdist.caller")
 
@@ -463,6 +463,7 @@ class Caller:
         self._deadlines.add(pending)
         try:
             await self._publish(pending, request_id)
+            write_now(self.nc)
         except Exception as exc:
             self._forget(request_id)
             raise RequestPlaneUnavailable(f"cannot publish request: {exc}", operator=operator) from exc

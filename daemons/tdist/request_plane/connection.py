@@ -1,5 +1,5 @@
-"""Opening a NATS connection from a ``NatsConfig`` (auth, TLS, reconnect hooks), closing it, and
-subscribing a plain function to the hot subjects."""
+"""Opening a NATS connection from a ``NatsConfig`` (auth, TLS, reconnect hooks), closing it,
+subscribing a plain function to the hot subjects, and writing a latency-bound publish at once."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.aio.transport import TcpTransport
 
 from tdist.config import NatsConfig
 from tdist.errors import RequestPlaneUnavailable
@@ -109,6 +110,32 @@ async def close_connection(nc: NatsClient) -> None:
         await asyncio.wait_for(nc.close(), CLOSE_STEP_TIMEOUT)
     except Exception as exc:
         log.warning("nats_close_failed", error=str(exc))
+
+
+def write_now(nc: NatsClient) -> None:
+    """Hand what the connection has buffered to its socket now, not in nats-py's flusher task.
+
+    nats-py writes what was published in a task that runs one pass of the event loop later.
+    One request at a time, that pass sits on the critical path twice (the caller's request,
+    the worker's final). Worse, a lone final used to share its socket write with the
+    acknowledgement and pull request that follow it, and nats-server flushes what a read
+    routes to other connections only after it has processed the whole read: the JetStream
+    acknowledgement (a work-queue removal) held the final back. Written on its own, worker
+    write to the caller's read fell from 265-295 to 170-200 us (medians of 2,700 requests,
+    echo, 100 B, 4 alternated runs); p50 at one in flight 100 us lower, now 20 to 60 us from the
+    hand-written JetStream floor's. Only where the socket takes the bytes at once (a TCP or TLS
+    transport with nothing buffered) and the connection is up; otherwise the flusher writes
+    them as usual (and after a reconnect, nats-py's own flush).
+    """
+    transport = nc._transport
+    if not (nc._pending_data_size and nc.is_connected and type(transport) is TcpTransport):
+        return
+    writer = transport._io_writer
+    if writer is None or writer.transport.get_write_buffer_size():
+        return
+    transport.writelines(nc._pending)
+    nc._pending = []
+    nc._pending_data_size = 0
 
 
 class _InlineDelivery:

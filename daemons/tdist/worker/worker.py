@@ -76,6 +76,7 @@ from tdist.operators import Operator, Request, load_operator_class
 from tdist.operators.builtin import Ping
 from tdist.registry import OperatorInfo, Registry, WorkerInfo
 from tdist.request_plane import protocol, streams
+from tdist.request_plane.connection import write_now
 from tdist.request_plane.puller import Puller
 from tdist.runtime import Runtime, bounded
 from tdist.worker.replay import FinalResponses
@@ -941,6 +942,7 @@ class Worker:
         # Alone, or with tensor references to release (the data plane's release starts in this
         # pass, as the final's publish, and needs this task: its round trip has a timeout).
         await self._publish(req.reply_to, data)
+        write_now(self.nc)
         await self._settle(held, b"+ACK")
         if held.refs:
             await self._release_refs(held)
