@@ -127,10 +127,10 @@ def write_now(nc: NatsClient) -> None:
     transport with nothing buffered) and the connection is up; otherwise the flusher writes
     them as usual (and after a reconnect, nats-py's own flush).
     """
-    transport = nc._transport
-    if not (nc._pending_data_size and nc.is_connected and type(transport) is TcpTransport):
+    transport = getattr(nc, "_transport", None)  # nats-py's internals: absent, nothing is done
+    if not (getattr(nc, "_pending_data_size", 0) and nc.is_connected and type(transport) is TcpTransport):
         return
-    writer = transport._io_writer
+    writer = getattr(transport, "_io_writer", None)
     if writer is None or writer.transport.get_write_buffer_size():
         return
     transport.writelines(nc._pending)
