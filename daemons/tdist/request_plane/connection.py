@@ -120,10 +120,10 @@ def write_now(nc: NatsClient) -> None:
     the worker's final). Worse, a lone final used to share its socket write with the
     acknowledgement and pull request that follow it, and nats-server flushes what a read
     routes to other connections only after it has processed the whole read: the JetStream
-    acknowledgement (a work-queue removal) held the final back. Written on its own, worker
-    write to the caller's read fell from 265-295 to 170-200 us (medians of 2,700 requests,
-    echo, 100 B, 4 alternated runs); p50 at one in flight 100 us lower, now 20 to 60 us from the
-    hand-written JetStream floor's. Only where the socket takes the bytes at once (a TCP or TLS
+    acknowledgement held the final back. Worker write to the caller's read, medians of 2,700
+    requests (echo, 100 B, alternated runs): 265 to 295 us from the flusher; 277 to 294 written
+    at once but with the acknowledgement in the same write; 170 to 237 written alone. p50 at one
+    in flight about 100 us lower. Only where the socket takes the bytes at once (a TCP or TLS
     transport with nothing buffered) and the connection is up; otherwise the flusher writes
     them as usual (and after a reconnect, nats-py's own flush).
     """
