@@ -32,6 +32,10 @@ from tdist.logs import get_logger
 log = get_logger("tdist.data_plane")
 
 GET, REFERENCE, RELEASE = 1, 2, 3
+_PULLED_BYTES = metrics.DATA_PLANE_BYTES.labels("pulled")
+_PULLS = {path: metrics.DATA_PLANE_PULLS.labels(path) for path in ("shm", "ipc", "ucx")}
+"""The pull's counters, looked up once (``labels`` takes a lock and a dict lookup per call; on a
+pull right after a large copy every such step runs cache-cold)."""
 SHM_SWEEP_EVERY = 60.0
 """Seconds between a plane's sweeps of dead processes' segments (and one at start)."""
 
@@ -283,8 +287,8 @@ class DataPlane:
             path = "ucx"
         self.pulls[path] += 1
         self.bytes_pulled += ref.nbytes
-        metrics.DATA_PLANE_BYTES.labels("pulled").inc(ref.nbytes)
-        metrics.DATA_PLANE_PULLS.labels(path).inc()
+        _PULLED_BYTES.inc(ref.nbytes)
+        _PULLS[path].inc()
         return self._typed(out, ref)
 
     def _check_owner(self, ref: TensorRef) -> None:
