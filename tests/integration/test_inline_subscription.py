@@ -4,10 +4,8 @@ and delivery goes on after the server restarts."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -17,17 +15,9 @@ from nats.aio.msg import Msg
 from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
 from tdist.process import free_port
 from tdist.request_plane.connection import _InlineDelivery, subscribe_inline
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"no {what} within {timeout} s") from None
 
 
 async def test_messages_reach_the_handler_in_order_and_a_failing_handler_is_contained(
@@ -46,7 +36,7 @@ async def test_messages_reach_the_handler_in_order_and_a_failing_handler_is_cont
         for i in range(500):
             await nc.publish("inline.test", b"boom" if i == 100 else str(i).encode())
         await nc.flush()
-        await _wait_for(lambda: len(seen) == 499, "all but the failing message")
+        await wait_until(lambda: len(seen) == 499, "all but the failing message")
         assert seen == [str(i).encode() for i in range(500) if i != 100]
         assert sub.pending_bytes == 0 and sub.pending_msgs == 0
 
@@ -61,7 +51,7 @@ async def test_messages_reach_the_handler_in_order_and_a_failing_handler_is_cont
         await subscribe_inline(nc, "inline.sentinel", lambda msg: sentinel.append(msg.data))
         await nc.publish("inline.test", b"after")
         await nc.publish("inline.sentinel", b"done")
-        await _wait_for(lambda: sentinel == [b"done"], "the sentinel")
+        await wait_until(lambda: sentinel == [b"done"], "the sentinel")
         assert seen[-1] == b"499"
     finally:
         await nc.close()
@@ -76,17 +66,17 @@ async def test_delivery_goes_on_after_the_server_restarts(tmp_path: Path) -> Non
         await subscribe_inline(nc, "inline.restart", lambda msg: seen.append(msg.data))
         await nc.publish("inline.restart", b"before")
         await nc.flush()
-        await _wait_for(lambda: seen == [b"before"], "the first message")
+        await wait_until(lambda: seen == [b"before"], "the first message")
         pid = servers[0].pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        await _wait_for(lambda: not nc.is_connected, "the disconnect")
+        await wait_until(lambda: not nc.is_connected, "the disconnect")
         servers[0].stop()
         servers.append(EmbeddedNatsServer(options).start())
-        await _wait_for(lambda: nc.is_connected, "the reconnect", 30)
+        await wait_until(lambda: nc.is_connected, "the reconnect", 30)
         await nc.publish("inline.restart", b"after")
         await nc.flush()
-        await _wait_for(lambda: seen == [b"before", b"after"], "the message after the restart")
+        await wait_until(lambda: seen == [b"before", b"after"], "the message after the restart")
         await nc.close()
     finally:
         for server in servers:

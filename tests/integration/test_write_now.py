@@ -4,11 +4,9 @@ buffered and goes out after the reconnect, in order."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
-from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -17,17 +15,9 @@ import pytest
 from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
 from tdist.process import free_port
 from tdist.request_plane.connection import write_now
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"no {what} within {timeout} s") from None
 
 
 class RawSubscriber:
@@ -101,14 +91,14 @@ async def test_while_disconnected_it_leaves_the_publish_buffered_for_the_reconne
         pid = servers[0].pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        await _wait_for(lambda: not nc.is_connected, "the disconnect")
+        await wait_until(lambda: not nc.is_connected, "the disconnect")
         servers[0].stop()
         for i in range(3):
             await nc.publish("write.later", b"%d" % i)
             write_now(nc)
         assert nc._pending_data_size > 0  # kept for the reconnect, not written to a dead socket
         servers.append(EmbeddedNatsServer(options).start())
-        await _wait_for(lambda: seen == [b"0", b"1", b"2"], "the buffered messages after the reconnect", 30)
+        await wait_until(lambda: seen == [b"0", b"1", b"2"], "the buffered messages after the reconnect", 30)
         await nc.close()
     finally:
         for server in servers:
