@@ -12,6 +12,10 @@ No task is current while the inline step runs (``asyncio.current_task()`` is Non
 runs inside whatever called ``start_inline`` (often nats-py's reader task), and an
 ``asyncio.timeout`` or ``TaskGroup`` bound to that task would cancel it. Entered before the
 first wait, they raise ``RuntimeError`` instead. Only for tdist's own short coroutines.
+
+``start_now`` is the other way round, for a coroutine that may use them (a request's serving,
+an operator inside it): its task is created first and is current during the first step, as
+with Python 3.12's eager tasks.
 """
 
 from __future__ import annotations
@@ -25,24 +29,31 @@ from typing import Any
 class _Rest(Coroutine[Any, Any, Any]):
     """What a task drives after a coroutine's first step ran inline and suspended."""
 
-    __slots__ = ("_coro", "_waiting", "_started")
+    __slots__ = ("_coro", "_waiting", "_started", "_ended")
 
     def __init__(self, coro: Coroutine[Any, Any, Any], waiting: Any) -> None:
         self._coro = coro
         self._waiting = waiting
         """What the inline step yielded: the future it waits on, or None (a bare yield)."""
         self._started = False
+        self._ended: BaseException | None = None
+        """How the inline step ended, if it did not suspend: its StopIteration or exception."""
 
     def send(self, value: Any) -> Any:
         if self._started:
             return self._coro.send(value)
         self._started = True  # the task's first step: it waits on what the inline step waited on
+        if self._ended is not None:
+            ended, self._ended = self._ended, None
+            raise ended
         waiting, self._waiting = self._waiting, None
         if waiting is None:
             return self._coro.send(None)
         return waiting
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if self._ended is not None:  # it already returned or raised: that is its outcome
+            return self.send(None)
         if not self._started:
             # Cancelled before the task's first step: as a task's cancel() does, cancel the
             # future the coroutine waits on, then interrupt the coroutine where it waits.
@@ -78,3 +89,33 @@ def start_inline(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         if current is not None:
             asyncio.tasks._enter_task(loop, current)  # type: ignore[attr-defined]
     return loop.create_task(_Rest(coro, waiting), context=context)  # type: ignore[arg-type]
+
+
+def start_now(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Create a task for ``coro`` and run its first step now, with that task current (so an
+    ``asyncio.timeout`` or a ``TaskGroup`` inside binds to it), in a copy of the current
+    context: what Python 3.12's eager tasks do. The task's own first pass then only resumes it
+    (or ends it, if the step finished). Saves the pass a new task waits for its first step.
+
+    The worker starts a lone request this way (nothing else held, nothing else in the read): one
+    request at a time, tdist's p50 minus the JetStream floor's in the same run fell from 88 to
+    28 us on average over 5 alternated pairs (better in 4), and from 82 to 22 over 6 more; one
+    pass fewer is about 6 us of Python, the rest is probably one preemption point (an
+    ``epoll_wait``) fewer between reading the request and writing its final on a 2-vCPU VM."""
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    rest = _Rest(coro, None)
+    task = loop.create_task(rest, context=context)  # type: ignore[arg-type]
+    current = asyncio.current_task(loop)
+    if current is not None:
+        asyncio.tasks._leave_task(loop, current)  # type: ignore[attr-defined]
+    asyncio.tasks._enter_task(loop, task)  # type: ignore[attr-defined]
+    try:
+        rest._waiting = context.run(coro.send, None)
+    except BaseException as exc:  # StopIteration or what it raised: its task's first step ends so
+        rest._ended = exc
+    finally:
+        asyncio.tasks._leave_task(loop, task)  # type: ignore[attr-defined]
+        if current is not None:
+            asyncio.tasks._enter_task(loop, current)  # type: ignore[attr-defined]
+    return task

@@ -1,11 +1,12 @@
 """subscribe_inline against a real nats-server: every message reaches the plain handler in order,
 a failing handler neither stops delivery nor breaks the connection, unsubscribe ends delivery,
-and delivery goes on after the server restarts."""
+and delivery goes on after the server restarts; read_drained tells the last message of a read."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 
 import nats
@@ -14,7 +15,7 @@ from nats.aio.msg import Msg
 
 from tdist.nats_server import EmbeddedNatsServer, NatsServerOptions
 from tdist.process import free_port
-from tdist.request_plane.connection import _InlineDelivery, subscribe_inline
+from tdist.request_plane.connection import _InlineDelivery, read_drained, subscribe_inline
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -81,3 +82,24 @@ async def test_delivery_goes_on_after_the_server_restarts(tmp_path: Path) -> Non
     finally:
         for server in servers:
             server.stop()
+
+
+async def test_read_drained_tells_the_last_message_of_a_read(nats_server: EmbeddedNatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    port = int(nats_server.url.rsplit(":", 1)[1])
+    try:
+        drained: list[bool] = []
+        await subscribe_inline(nc, "inline.reads", lambda msg: drained.append(read_drained(nc)))
+        await nc.flush()
+        # Published from a blocking socket while this loop does not run: the server has all 50
+        # for our connection before its reader reads again, so they come in few reads.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.recv(65536)  # INFO
+            raw.sendall(b'CONNECT {"verbose":false}\r\n' + b"PUB inline.reads 1\r\nx\r\n" * 50 + b"PING\r\n")
+            while b"PONG" not in raw.recv(65536):
+                pass
+        await wait_until(lambda: len(drained) == 50, "all 50 messages")
+        assert drained[-1] is True  # nothing after the last one
+        assert False in drained  # others had more of their read behind them
+    finally:
+        await nc.close()

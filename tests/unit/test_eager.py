@@ -1,5 +1,7 @@
 """``tdist.eager.start_inline``: the first step runs before it returns, with no current task and
-in its own context; what waits continues in a task, which can be cancelled like any task."""
+in its own context; what waits continues in a task, which can be cancelled like any task.
+``start_now``: the same, but with the coroutine's own task created first and current during the
+step, so timeouts bind to it; its outcome is the task's, however the step ended."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import contextvars
 
 import pytest
 
-from tdist.eager import start_inline
+from tdist.eager import start_inline, start_now
 
 TAG: contextvars.ContextVar[str] = contextvars.ContextVar("TAG", default="outer")
 
@@ -118,3 +120,69 @@ async def test_timeouts_cannot_bind_to_the_task_that_started_the_step() -> None:
     with pytest.raises(RuntimeError):
         start_inline(times_out())
     assert caller is not None and caller.cancelling() == 0  # no timeout was armed against it
+
+
+# -- start_now: the first step at once, with its own task current -------------------------------
+
+
+async def test_start_now_runs_the_first_step_at_once_with_its_task_current() -> None:
+    gate: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    steps: list[tuple[str, object, str]] = []
+
+    async def waits() -> None:
+        TAG.set("inner")
+        steps.append(("first", asyncio.current_task(), TAG.get()))
+        async with asyncio.timeout(10):  # binds to its own task, not to the one that started it
+            value = await gate
+        steps.append((f"rest {value}", asyncio.current_task(), TAG.get()))
+
+    caller = asyncio.current_task()
+    task = start_now(waits())
+    assert steps == [("first", task, "inner")]
+    assert asyncio.current_task() is caller and TAG.get() == "outer"
+    gate.set_result(3)
+    await task
+    assert steps[1] == ("rest 3", task, "inner")
+
+
+async def test_start_now_of_a_coroutine_that_does_not_wait_gives_a_task_with_its_outcome() -> None:
+    async def quick() -> None:
+        TAG.set("inner")
+
+    async def fails() -> None:
+        raise ValueError("no")
+
+    done = start_now(quick())
+    await done
+    assert done.done() and done.exception() is None
+    failed = start_now(fails())
+    with pytest.raises(ValueError, match="no"):
+        await failed
+    assert TAG.get() == "outer"
+
+
+async def test_start_now_cancelled_before_its_tasks_first_step() -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    reached: list[str] = []
+
+    async def waits() -> None:
+        try:
+            await gate
+        except asyncio.CancelledError:
+            reached.append("cancelled")
+            raise
+
+    task = start_now(waits())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert reached == ["cancelled"] and gate.cancelled()
+
+
+async def test_start_now_of_a_finished_step_ignores_a_cancel_before_its_first_pass() -> None:
+    async def quick() -> int:
+        return 5
+
+    task = start_now(quick())  # type: ignore[arg-type]
+    task.cancel()
+    assert await task == 5  # it had already returned: that is its outcome

@@ -138,6 +138,14 @@ def write_now(nc: NatsClient) -> None:
     nc._pending_data_size = 0
 
 
+def read_drained(nc: NatsClient) -> bool:
+    """Whether the message being handled (by an inline subscription, see ``_InlineDelivery``) is
+    the last of the connection's current read: nats-py's parser holds nothing more to hand out.
+    False when that cannot be told (nats-py's internals differ)."""
+    buf = getattr(getattr(nc, "_ps", None), "buf", None)
+    return buf is not None and not buf
+
+
 class _InlineDelivery:
     """Stands in for a nats-py subscription's pending queue and hands each message to a plain
     function as the connection's reader parses it.

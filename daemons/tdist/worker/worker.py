@@ -69,14 +69,14 @@ from tdist.errors import (
     TdistError,
 )
 from tdist import metrics
-from tdist.eager import start_inline
+from tdist.eager import start_inline, start_now
 from tdist import logs
 from tdist.logs import get_logger
 from tdist.operators import Operator, Request, load_operator_class
 from tdist.operators.builtin import Ping
 from tdist.registry import OperatorInfo, Registry, WorkerInfo
 from tdist.request_plane import protocol, streams
-from tdist.request_plane.connection import write_now
+from tdist.request_plane.connection import read_drained, write_now
 from tdist.request_plane.puller import Puller
 from tdist.runtime import Runtime, bounded
 from tdist.worker.replay import FinalResponses
@@ -617,7 +617,12 @@ class Worker:
             loop.call_soon(self._next_pass)  # runs before the steps of the tasks started below
         self._started_in_pass += 1
         # Tracked through _held (not spawn): one task per request is the hot path.
-        held.task = loop.create_task(self._serve(held))
+        if len(self._held) == 1 and held.delivery is None and read_drained(self.nc):
+            # All we hold, and nothing else in this read: serve it now rather than a pass later
+            # (several in one read are started together, their finals shared).
+            held.task = start_now(self._serve(held))
+        else:
+            held.task = loop.create_task(self._serve(held))
 
     def _next_pass(self) -> None:
         self._started_in_pass = 0
