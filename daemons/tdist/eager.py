@@ -27,7 +27,8 @@ from typing import Any
 
 
 class _Rest(Coroutine[Any, Any, Any]):
-    """What a task drives after a coroutine's first step ran inline and suspended."""
+    """What a task drives after a coroutine's first step ran outside it (``start_inline``,
+    ``start_now``): it waits on what that step waited on, or ends as that step ended."""
 
     __slots__ = ("_coro", "_waiting", "_started", "_ended")
 
@@ -72,22 +73,35 @@ class _Rest(Coroutine[Any, Any, Any]):
         raise TypeError("only its task drives the rest of an inline-started coroutine")
 
 
+def _first_step(loop: asyncio.AbstractEventLoop, context: contextvars.Context,
+                coro: Coroutine[Any, Any, Any], task: asyncio.Task[Any] | None) -> Any:
+    """Run ``coro``'s first step now in ``context``, with ``task`` current (or none); whatever
+    task was current is current again afterwards. Returns what the step yielded, raises how it
+    ended otherwise (StopIteration when it returned)."""
+    current = asyncio.current_task(loop)
+    if current is not None:
+        asyncio.tasks._leave_task(loop, current)  # type: ignore[attr-defined]
+    if task is not None:
+        asyncio.tasks._enter_task(loop, task)  # type: ignore[attr-defined]
+    try:
+        return context.run(coro.send, None)
+    finally:
+        if task is not None:
+            asyncio.tasks._leave_task(loop, task)  # type: ignore[attr-defined]
+        if current is not None:
+            asyncio.tasks._enter_task(loop, current)  # type: ignore[attr-defined]
+
+
 def start_inline(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
     """Run ``coro`` up to its first wait now, in a copy of the current context and with no
     current task; return None if it finished there, else the task that runs the rest (in the
     same context). An exception it raises in that step is raised here."""
     loop = asyncio.get_running_loop()
     context = contextvars.copy_context()
-    current = asyncio.current_task(loop)
-    if current is not None:
-        asyncio.tasks._leave_task(loop, current)  # type: ignore[attr-defined]
     try:
-        waiting = context.run(coro.send, None)
+        waiting = _first_step(loop, context, coro, None)
     except StopIteration:
         return None
-    finally:
-        if current is not None:
-            asyncio.tasks._enter_task(loop, current)  # type: ignore[attr-defined]
     return loop.create_task(_Rest(coro, waiting), context=context)  # type: ignore[arg-type]
 
 
@@ -106,16 +120,8 @@ def start_now(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     context = contextvars.copy_context()
     rest = _Rest(coro, None)
     task = loop.create_task(rest, context=context)  # type: ignore[arg-type]
-    current = asyncio.current_task(loop)
-    if current is not None:
-        asyncio.tasks._leave_task(loop, current)  # type: ignore[attr-defined]
-    asyncio.tasks._enter_task(loop, task)  # type: ignore[attr-defined]
     try:
-        rest._waiting = context.run(coro.send, None)
+        rest._waiting = _first_step(loop, context, coro, task)
     except BaseException as exc:  # StopIteration or what it raised: its task's first step ends so
         rest._ended = exc
-    finally:
-        asyncio.tasks._leave_task(loop, task)  # type: ignore[attr-defined]
-        if current is not None:
-            asyncio.tasks._enter_task(loop, current)  # type: ignore[attr-defined]
     return task

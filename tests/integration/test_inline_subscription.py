@@ -96,8 +96,11 @@ async def test_read_drained_tells_the_last_message_of_a_read(nats_server: Embedd
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
             raw.recv(65536)  # INFO
             raw.sendall(b'CONNECT {"verbose":false}\r\n' + b"PUB inline.reads 1\r\nx\r\n" * 50 + b"PING\r\n")
-            while b"PONG" not in raw.recv(65536):
-                pass
+            answer = b""
+            while b"PONG" not in answer:
+                chunk = raw.recv(65536)
+                assert chunk, "the server closed the publishing connection"
+                answer += chunk
         await wait_until(lambda: len(drained) == 50, "all 50 messages")
         assert drained[-1] is True  # nothing after the last one
         assert False in drained  # others had more of their read behind them

@@ -26,9 +26,14 @@ class RawSubscriber:
     def __init__(self, port: int, subject: str) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.buffer = b""
-        self._read_until(b"\r\n")  # INFO
-        self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nSUB %s 1\r\nPING\r\n' % subject.encode())
-        self._read_until(b"PONG\r\n")
+        try:
+            self._read_until(b"\r\n")  # INFO
+            self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nSUB %s 1\r\nPING\r\n'
+                              % subject.encode())
+            self._read_until(b"PONG\r\n")
+        except BaseException:
+            self.sock.close()
+            raise
 
     def _read_until(self, marker: bytes) -> bytes:
         while marker not in self.buffer:
@@ -46,7 +51,10 @@ class RawSubscriber:
             if line.startswith(b"MSG "):
                 size = int(line.split()[-1])
                 while len(self.buffer) < size + 2:
-                    self.buffer += self.sock.recv(65536)
+                    chunk = self.sock.recv(65536)
+                    if not chunk:
+                        raise AssertionError("the server closed the raw subscriber's connection")
+                    self.buffer += chunk
                 payload, self.buffer = self.buffer[:size], self.buffer[size + 2:]
                 return payload
             if line == b"PING":
@@ -59,7 +67,11 @@ class RawSubscriber:
 async def test_a_publish_is_on_the_socket_before_the_loop_runs_again(nats_server: EmbeddedNatsServer) -> None:
     port = int(nats_server.url.rsplit(":", 1)[1])
     raw = RawSubscriber(port, "write.now")
-    nc = await nats.connect(nats_server.url)
+    try:
+        nc = await nats.connect(nats_server.url)
+    except BaseException:
+        raw.close()
+        raise
     try:
         for i in range(3):
             await nc.publish("write.now", b"now %d" % i)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -64,7 +66,9 @@ async def test_a_bare_yield_continues_in_the_task() -> None:
     assert steps == ["first", "rest"]
 
 
-async def test_cancelling_before_the_tasks_first_step_interrupts_the_wait_and_cancels_its_future() -> None:
+@pytest.mark.parametrize("start", [start_inline, start_now])
+async def test_cancelling_before_the_tasks_first_step_interrupts_the_wait_and_cancels_its_future(
+        start: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None] | None]) -> None:
     gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     outcome: list[str] = []
 
@@ -75,7 +79,7 @@ async def test_cancelling_before_the_tasks_first_step_interrupts_the_wait_and_ca
             outcome.append("cancelled at the wait")
             raise
 
-    task = start_inline(waits())
+    task = start(waits())
     assert task is not None
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -159,24 +163,6 @@ async def test_start_now_of_a_coroutine_that_does_not_wait_gives_a_task_with_its
     with pytest.raises(ValueError, match="no"):
         await failed
     assert TAG.get() == "outer"
-
-
-async def test_start_now_cancelled_before_its_tasks_first_step() -> None:
-    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    reached: list[str] = []
-
-    async def waits() -> None:
-        try:
-            await gate
-        except asyncio.CancelledError:
-            reached.append("cancelled")
-            raise
-
-    task = start_now(waits())
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert reached == ["cancelled"] and gate.cancelled()
 
 
 async def test_start_now_of_a_finished_step_ignores_a_cancel_before_its_first_pass() -> None:

@@ -123,9 +123,9 @@ def write_now(nc: NatsClient) -> None:
     acknowledgement held the final back. Worker write to the caller's read, medians of 2,700
     requests (echo, 100 B, alternated runs): 265 to 295 us from the flusher; 277 to 294 written
     at once but with the acknowledgement in the same write; 170 to 237 written alone. p50 at one
-    in flight 40 to 100 us lower in alternated pairs. Only where the socket takes the bytes at once (a TCP or TLS
-    transport with nothing buffered) and the connection is up; otherwise the flusher writes
-    them as usual (and after a reconnect, nats-py's own flush).
+    in flight 40 to 100 us lower in alternated pairs. Only where the socket takes the bytes at
+    once (a TCP or TLS transport with nothing buffered) and the connection is up; otherwise the
+    flusher writes them as usual (and after a reconnect, nats-py's own flush).
     """
     transport = getattr(nc, "_transport", None)  # nats-py's internals: absent, nothing is done
     if not (getattr(nc, "_pending_data_size", 0) and nc.is_connected and type(transport) is TcpTransport):
