@@ -5,8 +5,10 @@
   process, the same reference again and again into a reused buffer, against a numpy memcpy
   (``np.copyto``) of the same size in this process. Also reported, not targets: the first pull
   of a fresh reference (``first_pull``: no mapping kept yet), the owner's ``put`` (it writes the
-  tensor into shared memory), and the same pulls with ``shared_memory = false`` (``_ucx``: UCX on
-  TCP, the path before shared memory);
+  tensor into shared memory), the same pulls with ``shared_memory = false`` (``_ucx``: UCX on
+  TCP, the path before shared memory), and, since a pull of 16 MiB or more copies with
+  ``[data_plane] copy_threads`` threads (2), the 64 MiB pull against a memcpy split the same way
+  (``same_host_64MiB_ratio_vs_threads``);
 * across hosts (only as root, where network namespaces can be made): owner and
   consumer in two namespaces joined by a veth pair, UCX forced onto TCP (as between
   real hosts: no shared memory; the consumer checks its pulls went over UCX), against a
@@ -109,7 +111,7 @@ async def pull_rates(refs: dict[str, Any], repeat: int, sizes: list[str], rounds
                 ref = ref_from(refs[name])
                 out = np.empty(ref.nbytes, dtype=np.uint8)
                 pulled = await timed_pulls(plane, ref, out, transfers(ref.nbytes, repeat))
-                rates[name].append((pulled, memcpy_rate(ref.nbytes, repeat)))
+                rates[name].append((pulled, memcpy_rate(ref.nbytes, repeat), memcpy_rate(ref.nbytes, repeat, plane.copy)))
         rates["paths"] = dict(plane.pulls)
     finally:
         await plane.close()
@@ -123,15 +125,17 @@ def transfers(size: int, repeat: int) -> int:
     return repeat if size >= 16 << 20 else repeat * 20
 
 
-def memcpy_rate(size: int, repeat: int) -> float:
+def memcpy_rate(size: int, repeat: int, copy: Any = np.copyto) -> float:
+    """GB/s of ``copy(dst, src)`` (the baseline: numpy's memcpy in this thread; or the data plane's
+    own copier, which splits large copies across threads)."""
     src = np.frombuffer(np.random.default_rng(size).bytes(size), dtype=np.uint8)
     dst = np.empty_like(src)
     n = transfers(size, repeat)
     for _ in range(3):
-        np.copyto(dst, src)
+        copy(dst, src)
     t0 = time.perf_counter()
     for _ in range(n):
-        np.copyto(dst, src)
+        copy(dst, src)
     return n * size / (time.perf_counter() - t0) / 1e9
 
 
@@ -231,9 +235,12 @@ def same_host(repeat: int, rounds: int, shared_memory: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in SIZES:
         pairs = rates[name]
-        out[f"same_host_{name}_GBps{suffix}"] = round(common.median([p for p, _ in pairs]), 3)
-        out[f"memcpy_{name}_GBps{suffix}"] = round(common.median([m for _, m in pairs]), 3)
-        out[f"same_host_{name}_ratio{suffix}"] = round(common.median([p / m for p, m in pairs]), 3)
+        out[f"same_host_{name}_GBps{suffix}"] = round(common.median([p for p, _, _ in pairs]), 3)
+        out[f"memcpy_{name}_GBps{suffix}"] = round(common.median([m for _, m, _ in pairs]), 3)
+        out[f"same_host_{name}_ratio{suffix}"] = round(common.median([p / m for p, m, _ in pairs]), 3)
+        if name == "64MiB" and shared_memory:
+            out["memcpy_64MiB_GBps_threads"] = round(common.median([t for _, _, t in pairs]), 3)
+            out["same_host_64MiB_ratio_vs_threads"] = round(common.median([p / t for p, _, t in pairs]), 3)
         out[f"same_host_{name}_first_pull_GBps{suffix}"] = round(rates[f"{name}_first"], 3)
         out[f"put_{name}_GBps{suffix}"] = round(refs["put_GBps"][name], 3)
     out[f"same_host_paths{suffix}"] = rates["paths"]
@@ -358,6 +365,9 @@ def main() -> int:
               f"{summary[f'memcpy_{name}_GBps_ucx']:>8.2f} GB/s{summary[f'same_host_{name}_ratio_ucx']:>8.2f}")
     print(f"  (default: shared memory, pulls by path {summary['same_host_paths']}; UCX: [data_plane] "
           f"shared_memory = false, TCP)")
+    print(f"  (pulls of 16 MiB or more copy with [data_plane] copy_threads threads; against a memcpy split the "
+          f"same way, {summary['memcpy_64MiB_GBps_threads']:.2f} GB/s: 64 MiB ratio "
+          f"{summary['same_host_64MiB_ratio_vs_threads']:.2f})")
     if "cross_host_64MiB_ratio" in summary:
         print(f"{'across hosts 64MiB':24}{summary['cross_host_64MiB_GBps']:>8.2f} GB/s"
               f"{summary['socket_64MiB_GBps']:>8.2f} GB/s{summary['cross_host_64MiB_ratio']:>8.2f}{'>= 0.9':>9}")

@@ -234,6 +234,7 @@ ERROR_CASES = [
     (minimal(op_extra="version = 0"), "worker.operators[0].version", "version must be at least 1"),
     (minimal(worker_extra="registry_ttl = 0.5"), "worker.registry_ttl", "at least 1 second"),
     (minimal(worker_extra="drain_timeout = -1"), "worker.drain_timeout", "must not be negative"),
+    (minimal("[data_plane]\ncopy_threads = 0"), "data_plane.copy_threads", "must be from 1 to 64"),
     ('[worker]\nname = "w"\noperators = 3\n', "worker.operators", "must be a list"),
     ('[worker]\nname = "w"\n', "worker.operators", "at least one operator"),
     ("[nats]\n", "worker", "needs a [worker] table or a [[workers]] array"),

@@ -24,6 +24,7 @@ import numpy as np
 from tdist import metrics, tensors
 from tdist.config import DataPlaneConfig
 from tdist.data_plane import shm
+from tdist.data_plane.parallel_copy import ParallelCopy
 from tdist.data_plane.descriptor import TensorRef
 from tdist.data_plane.store import TensorStore
 from tdist.errors import DataPlaneError, PeerUnreachable, TdistError
@@ -106,7 +107,9 @@ class DataPlane:
         """Pulls by path: shm, ipc, ucx, local."""
         self.host = ""
         """This process's host identity when it shares memory with same-host consumers, else ''."""
-        self.mappings = shm.Mappings(config.shm_cache_bytes)
+        self.copy = ParallelCopy(config.copy_threads)
+        """Copies into a caller's buffer (large ones split across threads)."""
+        self.mappings = shm.Mappings(config.shm_cache_bytes, copy=self.copy)
         self._sweeper: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
 
@@ -143,6 +146,7 @@ class DataPlane:
             await asyncio.gather(self._sweeper, return_exceptions=True)
         self.store.clear()  # nobody can pull any more: free the buffers (and unlink their segments)
         self.mappings.clear()
+        self.copy.close()
         if self.transport is not None:
             await self.transport.release(self)
             self.transport = None
@@ -256,7 +260,7 @@ class DataPlane:
             elif out is None:
                 out = np.array(raw, copy=True)
             else:
-                np.copyto(out.reshape(-1).view(np.uint8), raw.reshape(-1).view(np.uint8))
+                self.copy(out.reshape(-1).view(np.uint8), raw.reshape(-1).view(np.uint8))
             self.pulls["local"] += 1
             return self._typed(out, ref)
         path = ""

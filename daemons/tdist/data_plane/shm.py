@@ -51,6 +51,7 @@ from __future__ import annotations
 import atexit
 import collections
 import errno
+from collections.abc import Callable
 import hashlib
 import mmap
 import os
@@ -220,9 +221,12 @@ class Mappings:
     releases its reference (``forget``). A kept mapping is used only while the segment's name
     still exists (one ``stat``), so a tensor its owner freed is not read from a stale mapping."""
 
-    def __init__(self, max_bytes: int, directory: str = SHM_DIR, remember: int = 1024) -> None:
+    def __init__(self, max_bytes: int, directory: str = SHM_DIR, remember: int = 1024,
+                 copy: Callable[[np.ndarray, np.ndarray], None] = np.copyto) -> None:
         self.max_bytes = max_bytes
         self.directory = directory
+        self._copy = copy
+        """How a mapping is copied out (``copy(dst, src)``; the data plane's splits large ones across threads)."""
         self._maps: collections.OrderedDict[str, tuple[np.ndarray, str]] = collections.OrderedDict()
         """Kept mappings by segment name: (read-only view, path), least recently used first."""
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -269,7 +273,7 @@ class Mappings:
         """Copy the segment into ``out`` (contiguous, ``nbytes``); False if it cannot be read."""
         view = self._kept(name)
         if view is not None:
-            np.copyto(out.reshape(-1).view(np.uint8), view)
+            self._copy(out.reshape(-1).view(np.uint8), view)
             return True
         path = self._path(name)
         fd = _open(path, nbytes)
@@ -277,7 +281,7 @@ class Mappings:
             return False
         try:
             if (name in self._seen or nbytes >= MAP_FIRST_BYTES) and nbytes <= self.max_bytes:
-                np.copyto(out.reshape(-1).view(np.uint8), self._keep(name, path, fd, nbytes))
+                self._copy(out.reshape(-1).view(np.uint8), self._keep(name, path, fd, nbytes))
                 return True
             self._seen[name] = None
             if len(self._seen) > self._remember:
