@@ -24,8 +24,8 @@ import numpy as np
 from tdist import metrics, tensors
 from tdist.config import DataPlaneConfig
 from tdist.data_plane import shm
-from tdist.data_plane.parallel_copy import ParallelCopy
 from tdist.data_plane.descriptor import TensorRef
+from tdist.data_plane.parallel_copy import ParallelCopy
 from tdist.data_plane.store import TensorStore
 from tdist.errors import DataPlaneError, PeerUnreachable, TdistError
 from tdist.logs import get_logger
