@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 
@@ -80,3 +81,29 @@ def test_never_more_threads_than_usable_cpus() -> None:
     single(dst, src)
     assert np.array_equal(dst, src)
     single.close()
+
+
+def test_a_forked_child_copies_alone(copy: ParallelCopy) -> None:
+    """The pool's threads do not exist in a forked child: there a large copy must not wait for them."""
+    copy(np.zeros(4 * SPLIT_FROM, dtype=np.uint8), pattern(4 * SPLIT_FROM))  # the parent's pool has started
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the copy returns with the right bytes
+        try:
+            src, dst = pattern(4 * SPLIT_FROM), np.zeros(4 * SPLIT_FROM, dtype=np.uint8)
+            copy(dst, src)
+            os._exit(0 if np.array_equal(dst, src) else 1)
+        finally:
+            os._exit(2)
+    try:
+        for _ in range(200):  # up to 20 s: a copy that waits for a missing thread never returns
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.1)
+        else:
+            raise AssertionError("the forked child's copy hung")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        if not done:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)

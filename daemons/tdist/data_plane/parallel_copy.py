@@ -53,6 +53,9 @@ class ParallelCopy:
         self.threads = max(1, min(threads, usable_cpus()))
         self.parallel_from = parallel_from
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
+        """The process the pool belongs to: a forked child has none of its threads (a submit there
+        would wait for ever), so it copies alone."""
         if self.threads > 1:  # its threads start on the first large copy
             self._pool = concurrent.futures.ThreadPoolExecutor(self.threads - 1, thread_name_prefix="tdist-copy")
 
@@ -61,7 +64,7 @@ class ParallelCopy:
         nbytes = src.nbytes
         pool = self._pool
         step = -(-nbytes // self.threads // _ALIGN) * _ALIGN
-        if pool is None or nbytes < self.parallel_from or step >= nbytes:
+        if pool is None or nbytes < self.parallel_from or step >= nbytes or os.getpid() != self._pid:
             np.copyto(dst, src)
             return
         others = [pool.submit(np.copyto, dst[start : start + step], src[start : start + step])
