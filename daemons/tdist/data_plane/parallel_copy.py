@@ -20,7 +20,7 @@ the calling thread copies the first, the others run on a small pool (numpy relea
 while it copies), and the call returns once every chunk is done (or raises the first chunk's
 error, after the others finished: the destination is never written after the call returned).
 Smaller copies stay in the calling thread, where a hand-off would cost more than it saves.
-Ray's object store does the same for large objects (its ``memcopy_threads``).
+Arrow's Plasma object store (once Ray's) does the same for large objects (``memcopy_threads``).
 """
 
 from __future__ import annotations
