@@ -113,6 +113,20 @@ def test_a_large_segment_is_mapped_from_its_first_read(shm_dir: str) -> None:
         seg.unlink()
 
 
+def test_a_large_segment_beyond_the_cache_is_read_but_not_kept(shm_dir: str) -> None:
+    seg = shm.Segment.create(data(shm.MAP_FIRST_BYTES), shm_dir)
+    copy = ParallelCopy(2)
+    maps = shm.Mappings(shm.MAP_FIRST_BYTES - 1, shm_dir, copy=copy)  # too small to keep it
+    try:
+        for _ in range(2):
+            out = np.zeros(shm.MAP_FIRST_BYTES, dtype=np.uint8)
+            assert maps.read(seg.name, shm.MAP_FIRST_BYTES, out) and np.array_equal(out, data(shm.MAP_FIRST_BYTES))
+            assert len(maps) == 0 and maps.bytes_mapped == 0
+    finally:
+        copy.close()
+        seg.unlink()
+
+
 def test_kept_mappings_are_bounded_in_bytes(shm_dir: str) -> None:
     segs = [shm.Segment.create(data(4096), shm_dir) for _ in range(4)]
     maps = shm.Mappings(3 * 4096, shm_dir)

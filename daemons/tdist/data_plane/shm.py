@@ -38,14 +38,16 @@ page allocation dominates, tmpfs has no huge pages here); a first read with ``pr
 16 GB/s at 1 MiB but only about 4 GB/s at 64 MiB (memcpy: 45 and 13); a mapping built and
 copied at 7 and 5 GB/s; a read from a kept mapping at 0.85-0.95 of memcpy (the segment's 4 KiB
 pages against numpy's huge pages: /dev/shm has no transparent huge pages here). So a consumer
-reads a segment with ``preadv`` the first time (from 32 MiB on it maps it at once) and from a
-kept mapping after (``Mappings``), bounded in bytes. Copies out of a mapping go through the
-copier the data plane hands in (``parallel_copy.ParallelCopy``: from 16 MiB on, split across
-threads, which lifts a 64 MiB read from one thread's 10 to 13 GB/s to 15 to 16).
+reads a segment with ``preadv`` the first time (from 16 MiB on it maps it at once:
+``MAP_FIRST_BYTES``) and from a kept mapping after (``Mappings``), bounded in bytes. Copies out
+of a mapping go through the copier the data plane hands in (``parallel_copy.ParallelCopy``: from
+16 MiB on, split across threads, which lifts a 64 MiB read from a kept mapping from one thread's
+10 to 13 GB/s to 15 to 16, and a first read, whose page faults the threads then share, from 4.6
+to 4.8 to 8.2 to 9.5).
 
 Not defended: a process of the same user (or root) that truncates a segment makes a consumer
-reading a zero-copy view of it fault (SIGBUS); copies through ``preadv`` just see a short
-read and go to UCX.
+reading it through a mapping (a zero-copy view, a kept mapping, a first read from 16 MiB on)
+fault (SIGBUS); copies through ``preadv`` just see a short read and go to UCX.
 """
 
 from __future__ import annotations
@@ -72,10 +74,12 @@ log = get_logger("tdist.data_plane")
 
 SHM_DIR = "/dev/shm"
 _NO_SPACE = (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT)
-MAP_FIRST_BYTES = 32 << 20
-"""From this size on, even a first read maps the segment (and keeps the mapping): measured here, a
-first 64 MiB read runs at 5.0-5.4 GB/s mapped and copied against 4.2-4.4 with ``preadv``, while up
-to 8 MiB ``preadv`` wins (1 MiB: 16 against 7 GB/s)."""
+MAP_FIRST_BYTES = 16 << 20
+"""From this size on (where copies are split across threads), even a first read maps the segment
+(kept if it fits ``max_bytes``): measured here on fresh segments, 3 runs each, a first read mapped
+and copied by two threads runs at 6.8-7.6 GB/s at 16 MiB, 7.5-8.8 at 32 MiB and 8.2-9.5 at 64 MiB,
+against 4.0-4.4, 2.8-3.6 and 3.6-4.0 with ``preadv`` (and 4.6-4.8 at 64 MiB mapped with
+``MAP_POPULATE`` and copied by one thread, the path before)."""
 _MAX_IO = 1 << 30
 """Bytes per read/write call (Linux moves at most 2 GiB - 4 KiB per call anyway)."""
 
@@ -213,7 +217,12 @@ def _open(path: str, nbytes: int) -> int | None:
 
 
 def _map(fd: int, nbytes: int) -> mmap.mmap:
-    return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    """A read-only shared mapping, its pages mapped by the first accesses (the first copy out of
+    it, whose threads then take the page faults in parallel). Measured here, a first 64 MiB read:
+    4.6-4.8 GB/s with ``MAP_POPULATE`` and one copying thread, 5.2-5.4 populated and two threads,
+    5.5-6.0 faulted by one thread, 8.2-9.5 faulted by two. Later reads from a kept mapping find
+    every page mapped either way."""
+    return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
 
 
 class Mappings:
@@ -282,7 +291,7 @@ class Mappings:
         if fd is None:
             return False
         try:
-            if (name in self._seen or nbytes >= MAP_FIRST_BYTES) and nbytes <= self.max_bytes:
+            if nbytes >= MAP_FIRST_BYTES or (name in self._seen and nbytes <= self.max_bytes):
                 self._copy(out.reshape(-1).view(np.uint8), self._keep(name, path, fd, nbytes))
                 return True
             self._seen[name] = None
