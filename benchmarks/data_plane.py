@@ -111,7 +111,8 @@ async def pull_rates(refs: dict[str, Any], repeat: int, sizes: list[str], rounds
                 ref = ref_from(refs[name])
                 out = np.empty(ref.nbytes, dtype=np.uint8)
                 pulled = await timed_pulls(plane, ref, out, transfers(ref.nbytes, repeat))
-                rates[name].append((pulled, memcpy_rate(ref.nbytes, repeat), memcpy_rate(ref.nbytes, repeat, plane.copy)))
+                memcpy = memcpy_rate(ref.nbytes, repeat)  # the baseline, right after the pulls as always
+                rates[name].append((pulled, memcpy, memcpy_rate(ref.nbytes, repeat, plane.copy)))
         rates["paths"] = dict(plane.pulls)
     finally:
         await plane.close()

@@ -55,13 +55,13 @@ from __future__ import annotations
 import atexit
 import collections
 import errno
-from collections.abc import Callable
 import hashlib
 import mmap
 import os
 import secrets
 import socket
 import stat
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
