@@ -227,7 +227,8 @@ def _map(fd: int, nbytes: int) -> mmap.mmap:
 
 class Mappings:
     """A consumer's reads of segments: the first read of a segment copies it with ``preadv``
-    (no page tables to build), later ones copy from a mapping kept for it; the mappings kept
+    (no page tables to build; from ``MAP_FIRST_BYTES`` on through a mapping, whose page faults
+    the copy's threads share), later ones copy from a mapping kept for it; the mappings kept
     are bounded in bytes (least recently used dropped first) and dropped when this process
     releases its reference (``forget``). A kept mapping is used only while the segment's name
     still exists (one ``stat``), so a tensor its owner freed is not read from a stale mapping."""
