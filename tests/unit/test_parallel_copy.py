@@ -28,8 +28,9 @@ def copy() -> Iterator[ParallelCopy]:
         c.close()
 
 
-def copy_threads() -> set[str]:
-    return {t.name for t in threading.enumerate() if t.name.startswith("tdist-copy")}
+def copy_threads() -> set[threading.Thread]:
+    """The copy pools' threads now alive (as objects: every pool numbers its threads from 0)."""
+    return {t for t in threading.enumerate() if t.name.startswith("tdist-copy")}
 
 
 def pattern(nbytes: int) -> np.ndarray:
@@ -86,6 +87,7 @@ def test_never_more_threads_than_usable_cpus() -> None:
 def test_a_forked_child_copies_alone(copy: ParallelCopy) -> None:
     """The pool's threads do not exist in a forked child: there a large copy must not wait for them."""
     copy(np.zeros(4 * SPLIT_FROM, dtype=np.uint8), pattern(4 * SPLIT_FROM))  # the parent's pool has started
+    done = 0
     pid = os.fork()
     if pid == 0:  # the child: exit 0 only if the copy returns with the right bytes
         try:

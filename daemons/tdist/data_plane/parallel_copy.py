@@ -51,7 +51,8 @@ class ParallelCopy:
 
     def __init__(self, threads: int, parallel_from: int = PARALLEL_FROM) -> None:
         self.threads = max(1, min(threads, usable_cpus()))
-        self.parallel_from = parallel_from
+        self.parallel_from = max(parallel_from, 2 * _ALIGN)
+        """At least two pages, so that a split copy always has a second chunk."""
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pid = os.getpid()
         """The process the pool belongs to: a forked child has none of its threads (a submit there
@@ -63,10 +64,10 @@ class ParallelCopy:
         """``dst[:] = src`` for two 1-D uint8 arrays of one length."""
         nbytes = src.nbytes
         pool = self._pool
-        step = -(-nbytes // self.threads // _ALIGN) * _ALIGN
-        if pool is None or nbytes < self.parallel_from or step >= nbytes or os.getpid() != self._pid:
+        if pool is None or nbytes < self.parallel_from or os.getpid() != self._pid:
             np.copyto(dst, src)
             return
+        step = -(-nbytes // self.threads // _ALIGN) * _ALIGN
         others = [pool.submit(np.copyto, dst[start : start + step], src[start : start + step])
                   for start in range(step, nbytes, step)]
         try:
